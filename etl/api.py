@@ -1,0 +1,278 @@
+"""The library API: `sync`, `backfill`, `diff` and `validate` as plain functions.
+
+Orchestrators (Airflow, Dagster, Prefect) call these directly; the CLI is a
+thin shell over them. Keyword-only arguments mirror the CLI options; anything
+left out falls back to the same environment variables and defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from etl import extract, load, logs
+from etl.errors import SourceError, UsageError
+from etl.mapping import load_mappings
+from etl.model import DeliveryConfig, DiffReport, RunReport, Secret
+from etl.pipeline import Collaborators, Progress, RunOptions, run
+from etl.state import StateStore
+
+DEFAULT_ENDPOINT = "https://events.hyperengage.io/api/v1/s2s/event"
+DEFAULT_STATE_URL = "sqlite:///etl-state.db"
+DEFAULT_MAPPINGS = "mappings"
+
+
+def sync(
+    *,
+    source_url: str,
+    state_url: str = DEFAULT_STATE_URL,
+    mappings_dir: str | Path = DEFAULT_MAPPINGS,
+    streams: Sequence[str] | None = None,
+    full: bool = False,
+    endpoint: str | None = None,
+    token: str | Secret | None = None,
+    token_file: str | Path | None = None,
+    api_key: str | None = None,
+    workspace_key: str | None = None,
+    batch_size: int = 500,
+    batch_bytes: int = 450_000,
+    concurrency: int = 2,
+    max_rps: float | None = None,
+    stop: threading.Event | None = None,
+) -> RunReport:
+    """Incremental sync of every stream (accounts first); `full` re-reads all rows."""
+    return _send(
+        "sync",
+        RunOptions(mode="full" if full else "incremental"),
+        **locals(),
+    )
+
+
+def backfill(
+    *,
+    source_url: str,
+    state_url: str = DEFAULT_STATE_URL,
+    mappings_dir: str | Path = DEFAULT_MAPPINGS,
+    streams: Sequence[str] | None = None,
+    force: bool = False,
+    restart: bool = False,
+    endpoint: str | None = None,
+    token: str | Secret | None = None,
+    token_file: str | Path | None = None,
+    api_key: str | None = None,
+    workspace_key: str | None = None,
+    batch_size: int = 500,
+    batch_bytes: int = 450_000,
+    concurrency: int = 2,
+    max_rps: float | None = None,
+    progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> RunReport:
+    """Full historical load, resumable from the last acknowledged page."""
+    return _send(
+        "backfill",
+        RunOptions(mode="backfill", force=force, restart=restart),
+        **locals(),
+    )
+
+
+def diff(
+    *,
+    source_url: str,
+    state_url: str = DEFAULT_STATE_URL,
+    mappings_dir: str | Path = DEFAULT_MAPPINGS,
+    streams: Sequence[str] | None = None,
+    full: bool = False,
+    limit: int | None = None,
+    api_key: str | None = None,
+    workspace_key: str | None = None,
+) -> tuple[RunReport, DiffReport]:
+    """Dry run: what `sync` would send, record by record. Sends and writes nothing."""
+    mappings = load_mappings(Path(mappings_dir), streams=streams)
+    delivery = DeliveryConfig(
+        endpoint="",
+        token=Secret(""),
+        api_key=_env(api_key, "HYPERENGAGE_API_KEY") or "",
+        workspace_key=_env(workspace_key, "HYPERENGAGE_WORKSPACE_KEY") or "",
+    )
+    options = RunOptions(mode="full" if full else "incremental", dry_run=True, diff_limit=limit)
+    with _source(source_url) as source, _state(state_url, readonly=True) as state:
+        io = Collaborators(source=source, state=state, delivery=delivery)
+        report, diff_report = run(mappings, command="diff", options=options, io=io)
+    if diff_report is None:  # pragma: no cover - run() returns one for dry runs
+        raise RuntimeError("dry run returned no diff")
+    return report, diff_report
+
+
+def validate(
+    *,
+    mappings_dir: str | Path = DEFAULT_MAPPINGS,
+    source_url: str | None = None,
+    streams: Sequence[str] | None = None,
+) -> list[str]:
+    """Check every mapping file, and with `source_url` the source too.
+
+    Raises MappingError listing every problem; returns informational notes
+    (e.g. how many rows have a NULL cursor).
+    """
+    mappings = load_mappings(Path(mappings_dir), streams=streams)
+    if source_url is None:
+        return []
+    with _source(source_url) as source:
+        return extract.check_source(source, mappings)
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+def _send(command: str, options: RunOptions, **kw: Any) -> RunReport:
+    mappings = load_mappings(Path(kw["mappings_dir"]), streams=kw["streams"])
+    delivery = delivery_config(
+        endpoint=kw["endpoint"],
+        token=kw["token"],
+        token_file=kw["token_file"],
+        api_key=kw["api_key"],
+        workspace_key=kw["workspace_key"],
+        batch_size=kw["batch_size"],
+        batch_bytes=kw["batch_bytes"],
+        concurrency=kw["concurrency"],
+        max_rps=kw["max_rps"],
+    )
+    with (
+        _source(kw["source_url"]) as source,
+        _state(kw["state_url"], readonly=False) as state,
+        load.make_client(delivery) as client,
+    ):
+        state.acquire(command)
+        io = Collaborators(
+            source=source,
+            state=state,
+            delivery=delivery,
+            client=client,
+            progress=kw.get("progress"),
+            stop=kw["stop"] or threading.Event(),
+        )
+        report, _ = run(mappings, command=command, options=options, io=io)
+    return report
+
+
+def delivery_config(
+    *,
+    endpoint: str | None,
+    token: str | Secret | None,
+    token_file: str | Path | None,
+    api_key: str | None,
+    workspace_key: str | None,
+    batch_size: int = 500,
+    batch_bytes: int = 450_000,
+    concurrency: int = 2,
+    max_rps: float | None = None,
+) -> DeliveryConfig:
+    """Everything needed to send, checked before anything is read (exit 2 if not)."""
+    secret = delivery_token(token, token_file)
+    endpoint = _env(endpoint, "HYPERENGAGE_ENDPOINT") or DEFAULT_ENDPOINT
+    load.check_endpoint(endpoint)
+    api_key = _env(api_key, "HYPERENGAGE_API_KEY")
+    workspace_key = _env(workspace_key, "HYPERENGAGE_WORKSPACE_KEY")
+    missing = [
+        name
+        for name, value in (
+            ("HYPERENGAGE_API_KEY", api_key),
+            ("HYPERENGAGE_WORKSPACE_KEY", workspace_key),
+        )
+        if not value
+    ]
+    if missing:
+        raise UsageError(
+            f"{' and '.join(missing)} not set — export them (Hyperengage → Settings → API keys)"
+        )
+    if batch_size < 1 or batch_bytes < 1024 or concurrency < 1:
+        raise UsageError(
+            "--batch-size and --concurrency must be at least 1, --batch-bytes at least 1024"
+        )
+    return DeliveryConfig(
+        endpoint=endpoint,
+        token=secret,
+        api_key=api_key or "",
+        workspace_key=workspace_key or "",
+        batch_size=batch_size,
+        batch_bytes=batch_bytes,
+        concurrency=concurrency,
+        max_rps=max_rps,
+    )
+
+
+def delivery_token(token: str | Secret | None, token_file: str | Path | None) -> Secret:
+    """The server token: given, from a file, or from HYPERENGAGE_TOKEN (never argv)."""
+    if isinstance(token, Secret):
+        value = token.reveal()
+    elif token:
+        value = token
+    elif token_file:
+        try:
+            value = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UsageError(
+                f"--token-file {token_file}: cannot read it ({exc.strerror}) — check the path "
+                "and its permissions"
+            ) from None
+    else:
+        value = os.environ.get("HYPERENGAGE_TOKEN", "").strip()
+    if not value:
+        raise UsageError(
+            "no Hyperengage server token — export HYPERENGAGE_TOKEN or pass --token-file PATH "
+            "(never on the command line: process lists are public)"
+        )
+    logs.register_secret(value)
+    return Secret(value)
+
+
+def _env(value: str | None, name: str) -> str | None:
+    return value if value else os.environ.get(name) or None
+
+
+@contextlib.contextmanager
+def _source(url: str) -> Iterator[Engine]:
+    if not url:
+        raise UsageError("no source database — pass --source URL or set ETL_SOURCE_URL")
+    try:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise UsageError(
+            f"--source: {exc} — use a SQLAlchemy URL such as "
+            "postgresql+psycopg://user@host/db, mysql+pymysql://user@host/db or sqlite:///app.db"
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.DBAPIError as exc:
+        engine.dispose()
+        safe = engine.url.render_as_string(hide_password=True)
+        detail = str(exc.orig).strip().splitlines()[0] if str(exc.orig) else "error"
+        raise SourceError(
+            f"source {safe}: cannot connect: {logs.redact_text(detail)} — check the URL, the "
+            "server and the credentials"
+        ) from None
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _state(url: str, *, readonly: bool) -> Iterator[StateStore]:
+    store = StateStore(url, readonly=readonly)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+__all__ = ["backfill", "delivery_config", "diff", "sync", "validate"]

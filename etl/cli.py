@@ -1,0 +1,578 @@
+"""The `etl` command line: parse options, configure logging, call the library, render.
+
+The only module that imports click or exits. Every option has an environment
+variable (flags win); the token is read from HYPERENGAGE_TOKEN or
+--token-file only, never from argv. `EXIT_CODES` maps errors to exit codes in
+one place (SPEC §3).
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+import structlog
+
+from etl import __version__, api, logs, report
+from etl.errors import (
+    EtlError,
+    LockedError,
+    MappingError,
+    UsageError,
+)
+from etl.model import RunReport
+from etl.state import StateStore
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
+EXIT_CODES: tuple[tuple[type[EtlError], int], ...] = (
+    (UsageError, EXIT_USAGE),
+    (MappingError, EXIT_USAGE),
+    (LockedError, EXIT_LOCKED),
+    (EtlError, EXIT_FAILED),
+)
+F = TypeVar("F", bound=Callable[..., Any])
+log = structlog.get_logger("etl")
+
+
+# ---------------------------------------------------------------- shared options
+
+
+def _common(func: F) -> F:
+    """Options every data command takes."""
+    options = [
+        click.option(
+            "--source",
+            "source_url",
+            envvar="ETL_SOURCE_URL",
+            metavar="URL",
+            help="Source database (SQLAlchemy URL), e.g. postgresql+psycopg://app@db/app. "
+            "[env ETL_SOURCE_URL]",
+        ),
+        click.option(
+            "--state",
+            "state_url",
+            envvar="ETL_STATE_URL",
+            default=api.DEFAULT_STATE_URL,
+            show_default=True,
+            metavar="URL",
+            help="State store: a SQLite file or PostgreSQL. [env ETL_STATE_URL]",
+        ),
+        click.option(
+            "--mappings",
+            "mappings_dir",
+            envvar="ETL_MAPPINGS",
+            default=api.DEFAULT_MAPPINGS,
+            show_default=True,
+            metavar="DIR",
+            type=click.Path(path_type=Path),
+            help="Directory of mapping files (*.yml). [env ETL_MAPPINGS]",
+        ),
+        click.option(
+            "--stream",
+            "streams",
+            multiple=True,
+            metavar="NAME",
+            help="Only this stream (repeatable). Default: every stream.",
+        ),
+        click.option(
+            "--log-format",
+            envvar="ETL_LOG_FORMAT",
+            type=click.Choice(["console", "json"]),
+            help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _sending(func: F) -> F:
+    """Options of the commands that send (sync, backfill)."""
+    options = [
+        click.option(
+            "--endpoint",
+            envvar="HYPERENGAGE_ENDPOINT",
+            default=api.DEFAULT_ENDPOINT,
+            show_default=True,
+            metavar="URL",
+            help="Hyperengage events endpoint (HTTPS, or http to loopback). "
+            "[env HYPERENGAGE_ENDPOINT]",
+        ),
+        click.option(
+            "--token-file",
+            type=click.Path(path_type=Path),
+            metavar="PATH",
+            help="Read the server token from this file instead of HYPERENGAGE_TOKEN.",
+        ),
+        click.option(
+            "--batch-size",
+            envvar="ETL_BATCH_SIZE",
+            default=500,
+            show_default=True,
+            type=click.IntRange(1, 10_000),
+            help="Events per request at most. [env ETL_BATCH_SIZE]",
+        ),
+        click.option(
+            "--batch-bytes",
+            envvar="ETL_BATCH_BYTES",
+            default=450_000,
+            show_default=True,
+            type=click.IntRange(1024),
+            help="Bytes per request at most. [env ETL_BATCH_BYTES]",
+        ),
+        click.option(
+            "--concurrency",
+            envvar="ETL_CONCURRENCY",
+            default=2,
+            show_default=True,
+            type=click.IntRange(1, 32),
+            help="Requests in flight. [env ETL_CONCURRENCY]",
+        ),
+        click.option(
+            "--max-rps",
+            envvar="ETL_MAX_RPS",
+            type=click.FloatRange(min=0.1),
+            help="Requests per second at most (default: unlimited). [env ETL_MAX_RPS]",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _handled(func: F) -> F:
+    """Run a command body; map EtlError to its exit code, in one place."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logs.configure(kwargs.pop("log_format", None))
+        try:
+            return func(*args, **kwargs)
+        except EtlError as exc:
+            code = next(c for kind, c in EXIT_CODES if isinstance(exc, kind))
+            message = logs.redact_text(str(exc))
+            log.error("run.failed", error=type(exc).__name__, exit_code=code, message=message)
+            click.echo(f"error: {message}", err=True)
+            sys.exit(code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """First SIGINT/SIGTERM: finish in-flight batches, then stop. Second: abort."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.warning("run.stopping", signal=signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _finish(run: RunReport) -> None:
+    click.echo(report.render_run_report(run))
+    if run.status == "partial":
+        sys.exit(EXIT_PARTIAL)
+
+
+# ---------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="etl")
+def main() -> None:
+    """Keep Hyperengage in step with your own users and workspaces tables.
+
+    \b
+    Typical use:
+      etl validate --check-source        check the mapping files against the database
+      etl diff                           what would be sent, field by field (dry run)
+      etl backfill                       the first, full historical load (resumable)
+      etl sync                           nightly: send only what changed
+
+    Secrets come from the environment: HYPERENGAGE_TOKEN (or --token-file),
+    HYPERENGAGE_API_KEY and HYPERENGAGE_WORKSPACE_KEY.
+
+    \b
+    Exit codes: 0 ok, 1 run failed, 2 usage/configuration/mapping error,
+    3 finished but some records were invalid or rejected, 4 another run holds the lock.
+    """
+
+
+@main.command()
+@_common
+@click.option("--check-source", is_flag=True, help="Also check tables, columns and SQL.")
+@_handled
+def validate(
+    source_url: str | None,
+    state_url: str,
+    mappings_dir: Path,
+    streams: tuple[str, ...],
+    check_source: bool,
+) -> None:
+    """Check every mapping file (and with --check-source, the source database).
+
+    Reports all problems at once, each as `file: key: problem — fix`.
+    """
+    if check_source and not source_url:
+        raise UsageError("--check-source needs --source URL (or ETL_SOURCE_URL)")
+    notes = api.validate(
+        mappings_dir=mappings_dir,
+        source_url=source_url if check_source else None,
+        streams=streams or None,
+    )
+    for note in notes:
+        click.echo(f"note: {note}")
+    click.echo(
+        f"ok: mappings in {mappings_dir} are valid"
+        + (" against the source" if check_source else "")
+    )
+
+
+@main.command()
+@_common
+@_sending
+@click.option("--full", is_flag=True, help="Re-read every row (still sends only what changed).")
+@click.option("--dry-run", is_flag=True, help="Same as `etl diff`: send nothing, write nothing.")
+@_handled
+def sync(dry_run: bool, **kw: Any) -> None:
+    """Send what changed since the last run, account streams before user streams."""
+    if dry_run:
+        _diff(full=kw["full"], fmt="text", output=None, limit=None, redact=False, **_only_read(kw))
+        return
+    with _stop_on_signals() as stop:
+        run = api.sync(**_api_args(kw), full=kw["full"], stop=stop)
+    _finish(run)
+
+
+@main.command()
+@_common
+@_sending
+@click.option("--force", is_flag=True, help="Send records even when unchanged since last sent.")
+@click.option("--restart", is_flag=True, help="Ignore the saved checkpoint and start over.")
+@_handled
+def backfill(force: bool, restart: bool, **kw: Any) -> None:
+    """Full historical load of every stream, resumable after a crash or Ctrl-C.
+
+    Rows with a NULL cursor are included. When it finishes, the nightly `sync`
+    carries on from the safe horizon taken at its start.
+    """
+    with _stop_on_signals() as stop:
+        run = api.backfill(
+            **_api_args(kw), force=force, restart=restart, stop=stop, progress=_progress()
+        )
+    _finish(run)
+
+
+@main.command()
+@_common
+@click.option("--full", is_flag=True, help="Diff every row; also lists keys gone from the source.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(report.FORMATS),
+    default="text",
+    show_default=True,
+    help="Report format.",
+)
+@click.option("--output", type=click.Path(path_type=Path), help="Write the report to FILE.")
+@click.option("--limit", type=click.IntRange(0), help="At most N records listed per stream.")
+@click.option("--redact", is_flag=True, help="Mask trait values (emails, names) for sharing.")
+@_handled
+def diff(
+    full: bool, fmt: str, output: Path | None, limit: int | None, redact: bool, **kw: Any
+) -> None:
+    """Dry run: what `sync` would send, field by field. Sends and writes nothing."""
+    _diff(full=full, fmt=fmt, output=output, limit=limit, redact=redact, **_only_read(kw))
+
+
+def _diff(
+    *, full: bool, fmt: str, output: Path | None, limit: int | None, redact: bool, **kw: Any
+) -> None:
+    run, result = api.diff(**kw, full=full, limit=limit)
+    color = fmt == "text" and output is None and sys.stdout.isatty()
+    text = report.render_diff(result, format=fmt, color=color, redact=redact)
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {fmt} report to {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+    if run.status == "partial":
+        sys.exit(EXIT_PARTIAL)
+
+
+@main.group()
+def state() -> None:
+    """Inspect or reset the state store."""
+
+
+@state.command("show")
+@click.option(
+    "--state",
+    "state_url",
+    envvar="ETL_STATE_URL",
+    default=api.DEFAULT_STATE_URL,
+    show_default=True,
+    metavar="URL",
+    help="State store. [env ETL_STATE_URL]",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option(
+    "--log-format",
+    envvar="ETL_LOG_FORMAT",
+    type=click.Choice(["console", "json"]),
+    help="Log lines format. [env ETL_LOG_FORMAT]",
+)
+@_handled
+def state_show(state_url: str, fmt: str) -> None:
+    """Per stream: watermark, records sent, pending rejects; then the rejects."""
+    store = StateStore(state_url, readonly=True)
+    try:
+        streams, rejects = store.summary(), store.rejected()
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(
+            orjson.dumps(
+                {"streams": streams, "rejected": rejects}, option=orjson.OPT_INDENT_2, default=str
+            ).decode()
+        )
+        return
+    if not streams:
+        click.echo(f"no state yet in {state_url} — run `etl sync` or `etl backfill` first")
+        return
+    click.echo(
+        report.render_table(
+            streams, ["stream", "watermark", "records", "rejected", "checkpoint", "updated_at"]
+        )
+    )
+    if rejects:
+        click.echo("\nrejected records (retried by the next sync):")
+        click.echo(
+            report.render_table(rejects, ["stream", "key", "attempts", "last_seen", "message"])
+        )
+
+
+@state.command("reset")
+@click.option(
+    "--state",
+    "state_url",
+    envvar="ETL_STATE_URL",
+    default=api.DEFAULT_STATE_URL,
+    show_default=True,
+    metavar="URL",
+    help="State store. [env ETL_STATE_URL]",
+)
+@click.option("--stream", required=True, metavar="NAME", help="The stream to forget.")
+@click.option(
+    "--log-format",
+    envvar="ETL_LOG_FORMAT",
+    type=click.Choice(["console", "json"]),
+    help="Log lines format. [env ETL_LOG_FORMAT]",
+)
+@_handled
+def state_reset(state_url: str, stream: str) -> None:
+    """Forget a stream's state: its next sync re-sends every record."""
+    store = StateStore(state_url)
+    try:
+        store.acquire("state reset")
+        forgotten = store.reset(stream)
+    finally:
+        store.close()
+    click.echo(f"reset {stream}: forgot {forgotten} record(s); the next sync re-sends them all")
+
+
+@main.command()
+@click.option(
+    "--state",
+    "state_url",
+    envvar="ETL_STATE_URL",
+    default=api.DEFAULT_STATE_URL,
+    show_default=True,
+    metavar="URL",
+    help="State store. [env ETL_STATE_URL]",
+)
+@click.option(
+    "--limit",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1),
+    help="How many runs, newest first.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.option(
+    "--log-format",
+    envvar="ETL_LOG_FORMAT",
+    type=click.Choice(["console", "json"]),
+    help="Log lines format. [env ETL_LOG_FORMAT]",
+)
+@_handled
+def runs(state_url: str, limit: int, fmt: str) -> None:
+    """Run history: id, command, start, duration, status, per-stream counts, error."""
+    store = StateStore(state_url, readonly=True)
+    try:
+        rows = store.runs(limit)
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2, default=str).decode())
+        return
+    table = []
+    for row in rows:
+        seconds = (
+            (row["finished_at"] - row["started_at"]).total_seconds() if row["finished_at"] else None
+        )
+        counts = "; ".join(
+            f"{s['stream']}: {s['sent']} sent, {s['invalid']} invalid, {s['rejected']} rejected"
+            for s in row["streams"]
+        )
+        table.append({**row, "seconds": seconds, "counts": counts or "-"})
+    click.echo(
+        report.render_table(
+            table, ["id", "command", "started_at", "seconds", "status", "counts", "error"]
+        )
+    )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--store",
+    default="received.db",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="SQLite file the received events are stored in.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="Accept the token in this file (default: HYPERENGAGE_TOKEN).",
+)
+@click.option(
+    "--faults",
+    type=click.Path(exists=True, path_type=Path),
+    metavar="FILE",
+    help="JSON fault plan: inject 5xx, 429, drops, latency (see README).",
+)
+@click.option(
+    "--log-format",
+    envvar="ETL_LOG_FORMAT",
+    type=click.Choice(["console", "json"]),
+    help="Log lines format. [env ETL_LOG_FORMAT]",
+)
+@_handled
+def receiver(
+    host: str, port: int, store: Path, token_file: Path | None, faults: Path | None
+) -> None:
+    """A local Hyperengage-compatible receiver, for demos, tests and failure rehearsals."""
+    from etl import receiver as rx  # noqa: PLC0415 - only this command needs the server
+
+    token = api.delivery_token(None, token_file)
+    plan = rx.load_fault_plan(faults) if faults else None
+    rx.serve(store=store, tokens={token.reveal()}, faults=plan, host=host, port=port)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _api_args(kw: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "source_url": kw["source_url"],
+        "state_url": kw["state_url"],
+        "mappings_dir": kw["mappings_dir"],
+        "streams": kw["streams"] or None,
+        "endpoint": kw["endpoint"],
+        "token_file": kw["token_file"],
+        "batch_size": kw["batch_size"],
+        "batch_bytes": kw["batch_bytes"],
+        "concurrency": kw["concurrency"],
+        "max_rps": kw["max_rps"],
+    }
+
+
+def _only_read(kw: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "source_url": kw["source_url"],
+        "state_url": kw["state_url"],
+        "mappings_dir": kw["mappings_dir"],
+        "streams": kw["streams"] or None,
+    }
+
+
+def _progress() -> Callable[[str, int, int | None], None]:
+    """A progress bar per stream on a TTY; a log line every 5 s otherwise."""
+    if sys.stderr.isatty():
+        return _ProgressBar()
+    return _ProgressLog()
+
+
+class _ProgressBar:
+    def __init__(self) -> None:
+        self.bars: dict[str, Any] = {}
+        self.done: dict[str, int] = {}
+
+    def __call__(self, stream: str, done: int, total: int | None) -> None:
+        if stream not in self.bars:
+            for bar in self.bars.values():
+                bar.render_finish()
+            self.bars[stream] = click.progressbar(
+                length=max(total or 0, done),
+                label=stream,
+                show_eta=True,
+                show_pos=True,
+                file=sys.stderr,
+                item_show_func=lambda _: None,
+            )
+            self.done[stream] = 0
+        bar = self.bars[stream]
+        if bar.length is not None and done > bar.length:
+            bar.length = done  # the estimate was low
+        bar.update(done - self.done[stream])
+        self.done[stream] = done
+
+
+class _ProgressLog:
+    def __init__(self, every: float = 5.0) -> None:
+        self.every = every
+        self.started: dict[str, float] = {}
+        self.last = 0.0
+
+    def __call__(self, stream: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        start = self.started.setdefault(stream, now)
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / (now - start) if now > start else 0.0
+        eta = (total - done) / rate if total and rate and total > done else None
+        log.info(
+            "backfill.progress",
+            stream=stream,
+            done=done,
+            total=total,
+            rate=round(rate, 1),
+            eta_seconds=round(eta) if eta is not None else None,
+        )

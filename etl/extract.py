@@ -1,0 +1,488 @@
+"""Read a stream's rows from the source database, streaming, in keyset pages.
+
+`build_query` is pure (tests compile and inspect it); the rest runs SQL inside
+a read-only transaction that `read_only` opens. Rows come out as plain tuples:
+the key columns, the cursor (when mapped), then one value per
+`Mapping.selected_fields` — the layout `transform.to_record` reads.
+
+Identifiers go through SQLAlchemy's quoting; `sql:` and `where:` are the only
+raw SQL, and they run read-only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from etl.errors import MappingError, SourceError
+from etl.model import Mapping
+
+Order = Literal["cursor", "key"]
+Watermark = dt.datetime | int
+UTC = dt.UTC
+DEFAULT_PAGE_SIZE = 5000
+
+
+# ---------------------------------------------------------------- the FROM
+
+
+def source_from(conn: Connection, mapping: Mapping) -> sa.FromClause:
+    """The FROM of a stream: its table, or its query wrapped as a subquery."""
+    src = mapping.source
+    if src.table is not None:
+        columns = sorted(_columns_used(mapping))
+        return sa.table(src.table, *(sa.column(c) for c in columns), schema=src.schema)
+    if src.query is None:
+        raise ValueError(f"{mapping.path}: source has neither table nor query")
+    names = query_columns(conn, src.query)
+    text = sa.text(src.query).columns(*(sa.column(c) for c in names))
+    return text.subquery("src")
+
+
+def query_columns(conn: Connection, query: str) -> list[str]:
+    """The column names a `query:` source returns (it runs with no rows)."""
+    probe: sa.Select[Any] = sa.select(sa.literal_column("*")).select_from(
+        sa.text(query).columns().subquery("src")
+    )
+    result = conn.execute(probe.where(sa.false()))
+    names = list(result.keys())
+    result.close()
+    return names
+
+
+def _columns_used(mapping: Mapping) -> set[str]:
+    used = set(mapping.key)
+    if mapping.cursor:
+        used.add(mapping.cursor)
+    used.update(f.value for f in mapping.selected_fields if f.kind == "column")
+    return used
+
+
+# ---------------------------------------------------------------- queries
+
+
+def build_query(
+    mapping: Mapping,
+    src: sa.FromClause,
+    *,
+    order: Order,
+    lower: Any = None,
+    after: Sequence[Any] | None = None,
+    limit: int | None = DEFAULT_PAGE_SIZE,
+) -> sa.Select[Any]:
+    """One keyset page: rows past `after`, ordered by (cursor, key) or by key.
+
+    `lower` bounds the cursor from below (closed: timestamps are not unique,
+    and the watermark's own instant must be re-read).
+    """
+    keys = [src.c[k] for k in mapping.key]
+    cursor = src.c[mapping.cursor] if mapping.cursor else None
+    selected: list[Any] = [k.label(f"k{i}") for i, k in enumerate(keys)]
+    if cursor is not None:
+        selected.append(cursor.label("cur"))
+    for i, field in enumerate(mapping.selected_fields):
+        expr = (
+            src.c[field.value] if field.kind == "column" else sa.literal_column(f"({field.value})")
+        )
+        selected.append(expr.label(f"f{i}"))
+    query = sa.select(*selected).select_from(src)
+    if mapping.source.where:
+        query = query.where(sa.text(f"({mapping.source.where})"))
+    position = [*keys] if order == "key" else [cursor, *keys]
+    if order == "cursor":
+        if cursor is None:
+            raise ValueError("order='cursor' needs a mapping with a cursor")
+        if lower is not None:
+            query = query.where(cursor >= sa.bindparam("lower", lower))
+        else:
+            query = query.where(cursor.is_not(None))
+    if after is not None:
+        query = query.where(_after(position, after))
+    query = query.order_by(*position)
+    if limit is not None:
+        query = query.limit(limit)
+    return query
+
+
+def _after(position: list[Any], after: Sequence[Any]) -> sa.ColumnElement[bool]:
+    if len(position) == 1:
+        return position[0] > sa.bindparam("after0", after[0])  # type: ignore[no-any-return]
+    values: list[Any] = [sa.bindparam(f"after{i}", v) for i, v in enumerate(after)]
+    return sa.tuple_(*position) > sa.tuple_(*values)
+
+
+def read_pages(
+    conn: Connection,
+    mapping: Mapping,
+    src: sa.FromClause,
+    *,
+    order: Order,
+    lower: Any = None,
+    after: Sequence[Any] | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Stream the stream's rows page by page (never OFFSET, never all at once)."""
+    n_keys = len(mapping.key)
+    while True:
+        query = build_query(mapping, src, order=order, lower=lower, after=after, limit=page_size)
+        rows = [tuple(r) for r in _execute(conn, mapping, query)]
+        if not rows:
+            return
+        yield rows
+        if len(rows) < page_size:
+            return
+        last = rows[-1]
+        after = last[:n_keys] if order == "key" else (last[n_keys], *last[:n_keys])
+
+
+def read_keys(
+    conn: Connection, mapping: Mapping, src: sa.FromClause, keys: Sequence[Sequence[Any]]
+) -> list[tuple[Any, ...]]:
+    """The rows of the given key values (to retry previously rejected records)."""
+    if not keys:
+        return []
+    query = build_query(mapping, src, order="key", limit=None)
+    columns = [src.c[k] for k in mapping.key]
+    if len(columns) == 1:
+        query = query.where(columns[0].in_([k[0] for k in keys]))
+    else:
+        query = query.where(sa.tuple_(*columns).in_([tuple(k) for k in keys]))
+    return [tuple(r) for r in _execute(conn, mapping, query)]
+
+
+def _execute(conn: Connection, mapping: Mapping, query: sa.Executable) -> sa.Result[Any]:
+    try:
+        return conn.execute(query)
+    except sa.exc.DBAPIError as exc:
+        raise SourceError(
+            f"{mapping.path}: stream {mapping.stream}: the source query failed: "
+            f"{_first_line(exc.orig)} — check the table, columns, `where:` and `sql:` "
+            "expressions (etl validate --check-source)"
+        ) from None
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).strip().splitlines()[0] if error is not None and str(error) else "error"
+
+
+# ---------------------------------------------------------------- transactions
+
+
+@contextlib.contextmanager
+def read_only(conn: Connection, *, snapshot: bool = True) -> Iterator[Connection]:
+    """A read-only transaction; with `snapshot`, one consistent view for all pages.
+
+    Session time zone is UTC, so timestamptz values and NOW() come back in UTC.
+    """
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        level = "REPEATABLE READ" if snapshot else "READ COMMITTED"
+        conn.exec_driver_sql(f"SET TRANSACTION ISOLATION LEVEL {level} READ ONLY")
+        conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
+    elif dialect in ("mysql", "mariadb"):
+        conn.exec_driver_sql("SET SESSION time_zone = '+00:00'")
+        conn.commit()
+        level = "REPEATABLE READ" if snapshot else "READ COMMITTED"
+        conn.exec_driver_sql(f"SET TRANSACTION ISOLATION LEVEL {level}")
+        conn.exec_driver_sql(
+            "START TRANSACTION READ ONLY" + (", WITH CONSISTENT SNAPSHOT" if snapshot else "")
+        )
+    elif dialect == "sqlite":
+        conn.exec_driver_sql("PRAGMA query_only = ON")
+        conn.exec_driver_sql("BEGIN")
+    try:
+        yield conn
+    finally:
+        conn.rollback()
+        if dialect == "sqlite":
+            conn.exec_driver_sql("PRAGMA query_only = OFF")
+
+
+# ---------------------------------------------------------------- watermarks
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """The safe watermark of a run and what limited it (SPEC §5)."""
+
+    value: Watermark | None
+    clock: dt.datetime | None = None
+    held_by_transaction: dt.datetime | None = None
+    notes: tuple[str, ...] = ()
+
+
+def cursor_kind(conn: Connection, mapping: Mapping, src: sa.FromClause) -> str | None:
+    """ "integer" or "datetime" by a sample value; None when no row has a cursor."""
+    if not mapping.cursor:
+        return None
+    column = src.c[mapping.cursor]
+    sample = conn.execute(sa.select(column).where(column.is_not(None)).limit(1)).scalar()
+    if sample is None:
+        return None
+    return "integer" if isinstance(sample, int) and not isinstance(sample, bool) else "datetime"
+
+
+def safe_horizon(
+    conn: Connection,
+    mapping: Mapping,
+    src: sa.FromClause,
+    *,
+    max_transaction_age: dt.timedelta = dt.timedelta(hours=1),
+) -> Horizon:
+    """The watermark this run may advance to, taken inside the read snapshot.
+
+    Timestamps: the database's clock, held below the start of the oldest other
+    transaction still open (PostgreSQL) so rows it commits later are re-read.
+    Integer cursors: the largest value visible in the snapshot.
+    """
+    kind = cursor_kind(conn, mapping, src)
+    if kind is None:
+        return Horizon(value=None)
+    if kind == "integer":
+        column = src.c[mapping.cursor]  # type: ignore[index]
+        return Horizon(value=int(conn.execute(sa.select(sa.func.max(column))).scalar_one()))
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        return _postgres_horizon(conn, max_transaction_age)
+    if dialect in ("mysql", "mariadb"):
+        return _mysql_horizon(conn, max_transaction_age)
+    now = conn.exec_driver_sql("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')").scalar_one()
+    clock = dt.datetime.fromisoformat(now).replace(tzinfo=UTC)
+    return Horizon(value=clock, clock=clock)
+
+
+_PG_HORIZON = """
+SELECT now(),
+       min(xact_start) FILTER (WHERE xact_start > now() - %(age)s::interval),
+       min(xact_start) FILTER (WHERE xact_start <= now() - %(age)s::interval),
+       count(*) FILTER (WHERE query = '<insufficient privilege>')
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND backend_type = 'client backend'
+"""
+
+
+def _postgres_horizon(conn: Connection, max_age: dt.timedelta) -> Horizon:
+    # now() is our transaction's start, before our snapshot was taken.
+    age = f"{int(max_age.total_seconds())} seconds"
+    row = conn.exec_driver_sql(_PG_HORIZON, {"age": age}).one()
+    clock, oldest, stuck, hidden = row
+    notes: list[str] = []
+    if hidden:
+        notes.append(
+            f"{hidden} other session(s) are not visible to this role, so transactions "
+            "still open there cannot hold the watermark back; relying on the lookback "
+            "— grant pg_read_all_stats to the role to close that gap"
+        )
+    if stuck is not None:
+        notes.append(
+            f"a transaction open since {stuck.isoformat()} is older than the "
+            f"{max_age} bound and is ignored; rows it commits later rely on the lookback"
+        )
+    value = min(clock, oldest) if oldest is not None else clock
+    return Horizon(value=value, clock=clock, held_by_transaction=oldest, notes=tuple(notes))
+
+
+def _mysql_horizon(conn: Connection, max_age: dt.timedelta) -> Horizon:
+    clock = conn.exec_driver_sql("SELECT UTC_TIMESTAMP(6)").scalar_one().replace(tzinfo=UTC)
+    notes: list[str] = []
+    oldest = None
+    try:
+        # trx_started is in the session time zone, which read_only() set to UTC.
+        started = conn.exec_driver_sql(
+            "SELECT MIN(trx_started) FROM information_schema.innodb_trx "
+            "WHERE trx_mysql_thread_id <> CONNECTION_ID() AND trx_started > %s",
+            (clock.replace(tzinfo=None) - max_age,),
+        ).scalar()
+        oldest = started.replace(tzinfo=UTC) if started is not None else None
+    except sa.exc.DBAPIError:
+        notes.append(
+            "information_schema.innodb_trx is not readable by this role, so open "
+            "transactions cannot hold the watermark back; relying on the lookback "
+            "— grant PROCESS to the role to close that gap"
+        )
+    value = min(clock, oldest) if oldest is not None else clock
+    return Horizon(value=value, clock=clock, held_by_transaction=oldest, notes=tuple(notes))
+
+
+def lower_bound(conn: Connection, mapping: Mapping, watermark: Watermark) -> Any:
+    """`watermark - lookback`, as a value the database compares with the cursor.
+
+    PostgreSQL gets an aware timestamp: timestamptz compares exactly, and a
+    `timestamp` column is read in the session zone, set to the mapping's.
+    MySQL/MariaDB get a naive value in the mapping's zone; SQLite gets text in
+    the format SQLAlchemy and most apps write (`YYYY-MM-DD HH:MM:SS.ffffff`).
+    """
+    if isinstance(watermark, int):
+        return watermark - int(mapping.lookback_seconds)
+    value = watermark - dt.timedelta(seconds=mapping.lookback_seconds)
+    dialect = conn.dialect.name
+    if dialect == "postgresql":
+        conn.exec_driver_sql(f"SET LOCAL TIME ZONE '{_zone(mapping)}'")
+        return value
+    local = value.astimezone(ZoneInfo(mapping.timezone)).replace(tzinfo=None)
+    if dialect == "sqlite":
+        return sqlite_text(local)
+    return local
+
+
+def sqlite_text(value: dt.datetime) -> str:
+    """A naive datetime as SQLite text that compares safely with stored text.
+
+    `YYYY-MM-DD HH:MM:SS` plus the fraction without trailing zeros: then `>=`
+    on text holds for every stored fraction length at the same instant, and
+    rows stored with `T` or a `Z`/offset suffix sort at or above it, so a
+    text comparison can re-read a row but never skip one.
+    """
+    text = value.strftime("%Y-%m-%d %H:%M:%S")
+    if value.microsecond:
+        text += f".{value.microsecond:06d}".rstrip("0")
+    return text
+
+
+def _zone(mapping: Mapping) -> str:
+    # mapping.py validated it with ZoneInfo; quotes cannot occur in zone names.
+    return mapping.timezone.replace("'", "")
+
+
+def count_null_cursors(conn: Connection, mapping: Mapping, src: sa.FromClause) -> int:
+    """Rows whose cursor is NULL: only `--full` and `backfill` see them."""
+    if not mapping.cursor:
+        return 0
+    query = sa.select(sa.func.count()).select_from(src).where(src.c[mapping.cursor].is_(None))
+    if mapping.source.where:
+        query = query.where(sa.text(f"({mapping.source.where})"))
+    return int(_execute(conn, mapping, query).scalar_one())
+
+
+def estimate_rows(conn: Connection, mapping: Mapping, src: sa.FromClause) -> int | None:
+    """A fast row-count estimate for progress (pg_class.reltuples), else an exact count."""
+    if conn.dialect.name == "postgresql" and mapping.source.table and not mapping.source.where:
+        estimate = conn.execute(
+            sa.text("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(:name)"),
+            {"name": _quoted(conn, mapping)},
+        ).scalar()
+        if estimate is not None and estimate >= 0:
+            return int(estimate)
+    query = sa.select(sa.func.count()).select_from(src)
+    if mapping.source.where:
+        query = query.where(sa.text(f"({mapping.source.where})"))
+    return int(_execute(conn, mapping, query).scalar_one())
+
+
+def _quoted(conn: Connection, mapping: Mapping) -> str:
+    preparer = conn.dialect.identifier_preparer
+    table = preparer.quote(mapping.source.table or "")
+    return f"{preparer.quote(mapping.source.schema)}.{table}" if mapping.source.schema else table
+
+
+# ---------------------------------------------------------------- validate --check-source
+
+
+def check_source(engine: sa.Engine, mappings: Sequence[Mapping]) -> list[str]:
+    """Check tables, columns and expressions of every mapping against the source.
+
+    Raises MappingError listing every problem; returns notes (NULL cursors).
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    for mapping in mappings:
+        with engine.connect() as conn, read_only(conn):
+            found = _check_one(conn, mapping)
+            problems.extend(found)
+            if not found and mapping.cursor:
+                src = source_from(conn, mapping)
+                nulls = count_null_cursors(conn, mapping, src)
+                if nulls:
+                    notes.append(
+                        f"{mapping.path}: cursor: {nulls} row(s) have a NULL "
+                        f"{mapping.cursor}; only `sync --full` and `backfill` send them"
+                    )
+    if problems:
+        raise MappingError(problems)
+    return notes
+
+
+def _check_one(conn: Connection, mapping: Mapping) -> list[str]:
+    where = f"{mapping.path}: source"
+    try:
+        with conn.begin_nested():
+            available = _available_columns(conn, mapping)
+    except sa.exc.DBAPIError as exc:
+        what = "query" if mapping.source.query else "table"
+        return [
+            f"{where}.{what}: cannot be read: {_first_line(exc.orig)} — check the "
+            f"{what} name{' and schema' if what == 'table' else ''}"
+        ]
+    if available is None:
+        schema = f" in schema {mapping.source.schema}" if mapping.source.schema else ""
+        return [
+            f"{where}.table: no table {mapping.source.table!r}{schema} — check the name "
+            "(and `schema:`)"
+        ]
+    problems = []
+    listing = ", ".join(sorted(available))
+    wanted = [("key", k) for k in mapping.key]
+    if mapping.cursor:
+        wanted.append(("cursor", mapping.cursor))
+    for field in (*mapping.id_fields, *mapping.traits):
+        if field.kind == "column":
+            prefix = "" if field in mapping.id_fields else "traits."
+            wanted.append((f"{prefix}{field.name}", field.value))
+    for key, column in wanted:
+        if column not in available:
+            problems.append(
+                f"{mapping.path}: {key}: no column {column!r} in the source "
+                f"(columns: {listing}) — fix the column name"
+            )
+    if problems:
+        return problems
+    src = source_from(conn, mapping)
+    if mapping.source.where:
+        problems += _try(
+            conn,
+            mapping,
+            "source.where",
+            mapping.source.where,
+            sa.select(sa.literal(1))
+            .select_from(src)
+            .where(sa.text(f"({mapping.source.where})"))
+            .limit(0),
+        )
+    for field in mapping.selected_fields:
+        if field.kind == "sql":
+            key = f"traits.{field.name}" if field in mapping.traits else field.name
+            query: sa.Select[Any] = sa.select(sa.literal_column(f"({field.value})")).select_from(src).limit(0)
+            problems += _try(conn, mapping, f"{key}.sql", field.value, query)
+    return problems
+
+
+def _available_columns(conn: Connection, mapping: Mapping) -> set[str] | None:
+    if mapping.source.query is not None:
+        return set(query_columns(conn, mapping.source.query))
+    inspector = sa.inspect(conn)
+    table = mapping.source.table or ""
+    if not inspector.has_table(table, schema=mapping.source.schema):
+        return None
+    return {c["name"] for c in inspector.get_columns(table, schema=mapping.source.schema)}
+
+
+def _try(
+    conn: Connection, mapping: Mapping, key: str, expression: str, query: sa.Executable
+) -> list[str]:
+    try:
+        with conn.begin_nested():
+            conn.execute(query).close()
+    except sa.exc.DBAPIError as exc:
+        return [
+            f"{mapping.path}: {key}: {expression!r} fails in the database: "
+            f"{_first_line(exc.orig)} — fix the SQL (it runs as written, inside the FROM)"
+        ]
+    return []

@@ -1,0 +1,491 @@
+"""The Hyperengage client (SPEC §6): batches, retries, 413 splits, 400 bisection,
+bounded concurrency and rate, and results handed back in order.
+
+Threads: the caller's thread reads `outgoing` (which reads the database) and
+reports results; up to `concurrency` worker threads send. The token rides in the
+URL's query string, so every message and log line built here goes through
+`_Sender._redact`, and httpx exceptions (whose text may hold the URL) are never
+chained into the errors raised.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import random
+import threading
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+import orjson
+import structlog
+
+from . import __version__
+from .errors import FatalApiError, RetriableApiError, UsageError
+from .model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_ENDPOINT = "https://events.hyperengage.io/api/v1/s2s/event"
+CONNECT_TIMEOUT = 10.0
+BACKOFF_BASE = 0.5
+BACKOFF_CAP = 30.0
+MESSAGE_LIMIT = 300  # characters of a server message kept in errors and rejects
+RETRIABLE_STATUSES = frozenset({408, 429, *range(500, 600)})
+# Timeouts (connect/read/write/pool), refused or reset connections, and a server
+# that hung up mid-answer: all may work on the next try.
+RETRIABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+SPLIT_STATUSES = frozenset({400, 413})
+FATAL_CAUSES = {
+    401: "the token is wrong or missing — check HYPERENGAGE_TOKEN (or --token-file)",
+    403: "the token lacks access to this workspace — check HYPERENGAGE_TOKEN and "
+    "HYPERENGAGE_WORKSPACE_KEY",
+    404: "no such endpoint — check HYPERENGAGE_ENDPOINT (it ends in /api/v1/s2s/event)",
+}
+
+
+def check_endpoint(url: str) -> None:
+    """Refuse an endpoint the token must not be sent to: anything but https, except
+    plain http to this machine (the local receiver), and any URL carrying a token."""
+    where = "the endpoint (--endpoint / HYPERENGAGE_ENDPOINT)"
+    if "token=" in url.lower():
+        # Not quoting the URL: it holds a token.
+        raise UsageError(
+            f"{where} contains token=; a token in a URL ends up in logs and process lists"
+            " — remove it from the URL and set HYPERENGAGE_TOKEN (or --token-file)"
+        )
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"{where} {url!r} is not a valid URL ({exc}) — fix it") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise UsageError(f"{where} {url!r} is not an https:// URL — use e.g. {DEFAULT_ENDPOINT}")
+    if parsed.scheme == "http" and not _is_loopback(parsed.host):
+        raise UsageError(
+            f"{where} {url!r} would send the token in clear text to {parsed.host}"
+            " — use https:// (plain http is allowed only to 127.0.0.1, ::1 or localhost)"
+        )
+
+
+def make_client(
+    config: DeliveryConfig, *, transport: httpx.BaseTransport | None = None
+) -> httpx.Client:
+    """The one HTTP client of a run: explicit timeouts, no redirects, a connection
+    pool as wide as `concurrency`. `transport` lets tests answer in-process."""
+    width = max(1, config.concurrency)
+    return httpx.Client(
+        timeout=httpx.Timeout(config.timeout_seconds, connect=CONNECT_TIMEOUT),
+        # A 301/302 turns a POST into a GET: a redirect is an error, never a detour.
+        follow_redirects=False,
+        headers={"content-type": "application/json", "user-agent": f"etl/{__version__}"},
+        limits=httpx.Limits(max_connections=width, max_keepalive_connections=width),
+        transport=transport,
+    )
+
+
+def batches(
+    outgoing: Iterable[Outgoing], *, max_events: int, max_bytes: int
+) -> Iterator[list[Outgoing]]:
+    """Group events, in order, into request bodies (`[a,b,...]`) of at most
+    `max_events` events and `max_bytes` bytes; an event alone larger than
+    `max_bytes` travels alone.
+
+    Streams: a batch is handed out as soon as it is full, so at most one event
+    of the next batch has been read.
+    """
+    if max_events < 1:
+        raise UsageError(f"the batch size must be at least 1, not {max_events} — fix --batch-size")
+    batch: list[Outgoing] = []
+    size = 2  # the brackets
+    for item in outgoing:
+        grown = size + len(item.body) + (1 if batch else 0)  # a comma between events
+        if batch and grown > max_bytes:
+            yield batch
+            batch, grown = [], 2 + len(item.body)
+        batch.append(item)
+        size = grown
+        if len(batch) >= max_events:
+            yield batch
+            batch, size = [], 2
+    if batch:
+        yield batch
+
+
+def deliver(
+    outgoing: Iterable[Outgoing],
+    *,
+    config: DeliveryConfig,
+    on_result: Callable[[BatchResult], None],
+    client: httpx.Client,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+) -> DeliveryStats:
+    """Send every event, `config.concurrency` batches at a time, and give each
+    batch's outcome to `on_result` in the caller's thread, in submission order.
+
+    The first RetriableApiError or FatalApiError (or any error in `on_result` or
+    `outgoing`) stops the workers and propagates; batches reported before it
+    stay reported, nothing after it is.
+    """
+    check_endpoint(config.endpoint)
+    # Jitter needs spread, not secrecy.
+    sender = _Sender(client, config, sleep=sleep, clock=clock, rng=rng or random.Random())  # noqa: S311
+    totals = _Totals()
+    window: deque[Future[_Outcome]] = deque()  # submitted, not yet reported, in order
+    width = max(1, config.concurrency)
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="etl-load") as pool:
+        try:
+            for batch in batches(
+                outgoing, max_events=config.batch_size, max_bytes=config.batch_bytes
+            ):
+                # Back-pressure: the batch just read waits for a free slot, so we
+                # never read further ahead than `width` batches plus this one.
+                _settle(window, on_result, totals, outstanding=width - 1)
+                window.append(pool.submit(sender.send_batch, batch))
+            _settle(window, on_result, totals, outstanding=0)
+        except BaseException:
+            sender.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return totals.freeze()
+
+
+def _settle(
+    window: deque[Future[_Outcome]],
+    on_result: Callable[[BatchResult], None],
+    totals: _Totals,
+    *,
+    outstanding: int,
+) -> None:
+    """Report finished batches from the front of `window` until at most
+    `outstanding` remain; raise a batch's error as soon as it is known."""
+    while True:  # each wait() below finishes at least one of a bounded window
+        while window and window[0].done():
+            outcome = window.popleft().result()  # raises that batch's error, in order
+            on_result(outcome.result)
+            totals.count(outcome)
+        if len(window) <= outstanding:
+            return
+        # A later batch that failed stops the run now, not when earlier ones finish.
+        for future in window:
+            if future.done() and (error := future.exception()) is not None:
+                raise error
+        wait([f for f in window if not f.done()], return_when=FIRST_COMPLETED)
+
+
+@dataclass
+class _Tally:
+    """HTTP attempts spent on one batch, counted by the worker that sends it."""
+
+    requests: int = 0
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a worker hands back for one batch."""
+
+    result: BatchResult
+    tally: _Tally
+
+
+@dataclass
+class _Totals:
+    """DeliveryStats being summed in the caller's thread, one reported batch at a time."""
+
+    sent: int = 0
+    rejected: int = 0
+    batches: int = 0
+    requests: int = 0
+    retries: int = 0
+
+    def count(self, outcome: _Outcome) -> None:
+        self.sent += len(outcome.result.acked)
+        self.rejected += len(outcome.result.rejected)
+        self.batches += 1
+        self.requests += outcome.tally.requests
+        self.retries += outcome.tally.retries
+
+    def freeze(self) -> DeliveryStats:
+        return DeliveryStats(self.sent, self.rejected, self.batches, self.requests, self.retries)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why one attempt got no usable answer; `label` is already redacted."""
+
+    label: str  # "HTTP 503" or "ConnectError: ...", for messages
+    status: int | None = None
+    error: str | None = None  # the exception's class name
+    retriable: bool = True
+    retry_after: float | None = None
+
+    def log_fields(self) -> dict[str, object]:
+        if self.status is not None:
+            return {"status": self.status}
+        return {"error": self.error, "detail": self.label}
+
+
+class _Stopped(Exception):
+    """Raised in a worker whose delivery was stopped; never leaves deliver()."""
+
+
+class _RateLimiter:
+    """Spaces request starts at least 1/rate seconds apart, across threads."""
+
+    def __init__(
+        self, rate: float, *, clock: Callable[[], float], sleep: Callable[[float], None]
+    ) -> None:
+        self._interval = 1.0 / rate
+        self._clock = clock
+        self._sleep = sleep
+        self._next = float("-inf")
+        self._lock = threading.Lock()
+
+    def wait_turn(self) -> None:
+        with self._lock:  # reserve a start time; sleep outside the lock
+            now = self._clock()
+            start = max(now, self._next)
+            self._next = start + self._interval
+        if start > now:
+            self._sleep(start - now)
+
+
+class _Sender:
+    """Sends the batches of one deliver() call; shared by its worker threads."""
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        config: DeliveryConfig,
+        *,
+        sleep: Callable[[float], None],
+        clock: Callable[[], float],
+        rng: random.Random,
+    ) -> None:
+        self._client = client
+        self._config = config
+        self._sleep = sleep
+        self._clock = clock
+        # random.Random.uniform is one atomic call under the GIL: safe to share.
+        self._rng = rng
+        self._limiter = (
+            _RateLimiter(config.max_rps, clock=clock, sleep=sleep) if config.max_rps else None
+        )
+        self._secrets = _secret_spellings(config.token.reveal())
+        self._url = self._redact(_display_url(config.endpoint))
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Make every worker give up before its next attempt."""
+        self._stopped.set()
+
+    def send_batch(self, batch: Sequence[Outgoing]) -> _Outcome:
+        """Deliver one top-level batch (worker thread)."""
+        tally = _Tally()
+        return _Outcome(self._send(batch, tally), tally)
+
+    def _send(self, items: Sequence[Outgoing], tally: _Tally) -> BatchResult:
+        """Deliver `items`, halving them on 413 (too large) and on 400 (refused)
+        until the refused events stand alone as rejects."""
+        response = self._post(items, tally)
+        if response.status_code not in SPLIT_STATUSES:
+            self._accept(response)
+            return BatchResult(acked=tuple(items))
+        words = self._words(response)
+        if len(items) == 1:
+            log.warning("batch.rejected", key=items[0].key, message=words)
+            return BatchResult(acked=(), rejected=((items[0], words),))
+        log.info("batch.split", reason=response.status_code, size=len(items))
+        half = len(items) // 2
+        first, second = self._send(items[:half], tally), self._send(items[half:], tally)
+        return BatchResult(first.acked + second.acked, first.rejected + second.rejected)
+
+    def _post(self, items: Sequence[Outgoing], tally: _Tally) -> httpx.Response:
+        """POST `items` until the answer is not transient; RetriableApiError when the
+        attempts or the time budget per request run out."""
+        body = b"[" + b",".join(item.body for item in items) + b"]"
+        started = self._clock()
+        attempt = 0
+        while True:  # bounded: every pass counts an attempt against max_attempts
+            attempt += 1
+            if self._limiter is not None:
+                self._limiter.wait_turn()
+            if self._stopped.is_set():
+                raise _Stopped
+            tally.requests += 1
+            answer = self._attempt(body)
+            if isinstance(answer, httpx.Response):
+                return answer
+            if not answer.retriable:
+                raise FatalApiError(
+                    f"POST {self._url} failed: {answer.label} — not a transient failure;"
+                    " check HYPERENGAGE_ENDPOINT and any HTTPS_PROXY setting"
+                )
+            delay = max(self._jitter(attempt), answer.retry_after or 0.0)
+            elapsed = self._clock() - started
+            if attempt >= self._config.max_attempts or (
+                elapsed + delay > self._config.max_retry_seconds
+            ):
+                raise RetriableApiError(self._exhausted(attempt, elapsed, answer))
+            log.warning(
+                "batch.retry",
+                attempt=attempt,
+                delay=round(delay, 3),
+                events=len(items),
+                **answer.log_fields(),
+            )
+            tally.retries += 1
+            self._sleep(delay)
+
+    def _attempt(self, body: bytes) -> httpx.Response | _Failure:
+        """One POST: a response worth interpreting, or what went wrong."""
+        params = {"token": self._config.token.reveal()}
+        try:
+            response = self._client.post(self._config.endpoint, params=params, content=body)
+        except RETRIABLE_ERRORS as exc:
+            return self._failure(exc, retriable=True)
+        except httpx.HTTPError as exc:
+            return self._failure(exc, retriable=False)
+        status = response.status_code
+        if status in RETRIABLE_STATUSES:
+            wait_at_least = _retry_after(response.headers.get("retry-after"))
+            return _Failure(f"HTTP {status}", status=status, retry_after=wait_at_least)
+        return response
+
+    def _failure(self, exc: httpx.HTTPError, *, retriable: bool) -> _Failure:
+        """Describe an httpx exception without keeping it: its text may hold the URL."""
+        name = type(exc).__name__
+        detail = " ".join(str(exc).split())
+        label = self._redact(f"{name}: {detail}" if detail else name)[:MESSAGE_LIMIT]
+        return _Failure(label, error=name, retriable=retriable)
+
+    def _jitter(self, attempt: int) -> float:
+        """Full jitter: anywhere up to the exponential ceiling (AWS architecture blog)."""
+        ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** min(attempt - 1, 32))
+        return self._rng.uniform(0, ceiling)
+
+    def _exhausted(self, attempts: int, elapsed: float, last: _Failure) -> str:
+        waited = f" (Retry-After {last.retry_after:g} s)" if last.retry_after else ""
+        return (
+            f"POST {self._url} gave up after {attempts} attempt(s) in {elapsed:.1f} s;"
+            f" last answer: {last.label}{waited} — the API or the network is failing for now;"
+            " run again later (acknowledged batches are kept and not re-sent)"
+        )
+
+    def _accept(self, response: httpx.Response) -> None:
+        """Return if `response` acknowledges the batch; raise FatalApiError otherwise."""
+        status = response.status_code
+        if 200 <= status < 300:
+            problem = _acknowledgement_problem(response)
+            if problem is None:
+                return
+        elif 300 <= status < 400:
+            target = response.headers.get("location", "").split("?", 1)[0] or "nowhere"
+            problem = (
+                f"HTTP {status} redirect to {target}, not followed (a 301/302 turns a POST"
+                " into a GET) — set HYPERENGAGE_ENDPOINT to the final URL"
+            )
+        elif status in FATAL_CAUSES:
+            problem = f"HTTP {status}: {FATAL_CAUSES[status]}"
+        else:
+            problem = f"{self._words(response)} — not retriable; fix what the server names"
+        raise FatalApiError(self._redact(f"POST {self._url} answered {problem}"))
+
+    def _words(self, response: httpx.Response) -> str:
+        """The status and the server's own explanation, redacted and truncated."""
+        said = _server_said(response)
+        text = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+        # Redact before truncating, so no prefix of the token survives a cut.
+        return self._redact(f"{text}: {said}" if said else text)[:MESSAGE_LIMIT]
+
+    def _redact(self, text: str) -> str:
+        for spelling in self._secrets:
+            text = text.replace(spelling, "***")
+        return text
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: traffic that never leaves this machine."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _display_url(endpoint: str) -> str:
+    """The endpoint as messages show it: its query replaced by `token=***`."""
+    return endpoint.split("#", 1)[0].split("?", 1)[0] + "?token=***"
+
+
+def _secret_spellings(token: str) -> tuple[str, ...]:
+    """Every way the token can appear in text: as is, and URL-encoded; longest first."""
+    spellings = {
+        token,
+        urllib.parse.quote(token, safe=""),
+        urllib.parse.quote_plus(token),
+        str(httpx.QueryParams({"t": token}))[2:],
+    }
+    return tuple(sorted((s for s in spellings if s), key=len, reverse=True))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a `Retry-After` header asks for (delay-seconds or an HTTP-date)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    # An HTTP-date is wall-clock time, so it is compared with the wall clock.
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _acknowledgement_problem(response: httpx.Response) -> str | None:
+    """Why a 2xx answer is not the API's acknowledgement, or None when it is."""
+    status = response.status_code
+    try:
+        document = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        content_type = response.headers.get("content-type", "no content type")
+        shape = "an empty body" if not response.content.strip() else "a non-JSON body"
+        return (
+            f"HTTP {status} with {shape} ({content_type}) instead of the API's JSON — likely"
+            " a proxy or login page in front of the endpoint; check HYPERENGAGE_ENDPOINT"
+        )
+    if not isinstance(document, dict):
+        return None
+    state = document.get("status")
+    if state == "ok" or (state is None and "message" not in document):
+        return None
+    said = _server_said(response) or f"status {state!r}"
+    return f"HTTP {status} but the API refused the batch: {said} — fix what the message names"
+
+
+def _server_said(response: httpx.Response) -> str:
+    """The server's explanation: its JSON `message` (and `error`), or plain text;
+    an HTML page says nothing the status does not."""
+    try:
+        document = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        text = response.text
+        return "" if text.lstrip().startswith("<") else " ".join(text.split())
+    if not isinstance(document, dict):
+        return ""
+    parts = [str(document[k]) for k in ("message", "error") if document.get(k)]
+    return " ".join("; ".join(parts).split())

@@ -1,0 +1,274 @@
+"""Frozen data shared by the stages: what a mapping says, what a row became,
+what changed, what goes over the wire, and what a run did.
+
+Nothing here does I/O. Each stage takes and returns these objects, so a test
+can build any of them by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EventType = Literal["user_identify", "account_identify"]
+TraitType = Literal["text", "number", "integer", "boolean", "datetime", "date", "string_array"]
+FieldKind = Literal["column", "sql", "const"]
+ChangeKind = Literal["new", "changed", "unchanged", "invalid"]
+
+EVENT_TYPES: tuple[EventType, ...] = ("account_identify", "user_identify")
+TRAIT_TYPES: tuple[TraitType, ...] = (
+    "text",
+    "number",
+    "integer",
+    "boolean",
+    "datetime",
+    "date",
+    "string_array",
+)
+# SPEC §2: traits the API requires per event type.
+REQUIRED_TRAITS: dict[EventType, tuple[str, ...]] = {
+    "user_identify": ("email", "name", "created_at"),
+    "account_identify": ("name",),
+}
+# SPEC §4: an event bigger than this is an invalid record, not a request.
+MAX_EVENT_BYTES = 32 * 1024
+
+
+class Secret:
+    """A string that never shows itself in repr(), str(), logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The real value, for the one place that must send it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+@dataclass(frozen=True)
+class Field:
+    """Where one value of an event comes from: a column, a SQL expression or a constant.
+
+    `name` is the trait name, or `user_id` / `account_id` / `anonymous_id` / `url`
+    for the id fields. `value` is the column name, the SQL text or the constant.
+    """
+
+    name: str
+    kind: FieldKind
+    value: Any
+    type: TraitType | None = None
+    default: Any = None
+    omit_null: bool = True
+    encoding: str | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which rows a stream reads: a table (optionally in a schema, filtered) or a query."""
+
+    table: str | None = None
+    schema: str | None = None
+    where: str | None = None
+    query: str | None = None
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One validated mapping file: how rows of one source become events of one type."""
+
+    stream: str
+    path: str
+    event_type: EventType
+    source: Source
+    key: tuple[str, ...]
+    cursor: str | None
+    user_id: Field
+    account_id: Field
+    traits: tuple[Field, ...]
+    anonymous_id: Field | None = None
+    url: Field | None = None
+    lookback_seconds: float = 600.0
+    timezone: str = "UTC"
+    # sha256 over the normalised definition: a change forces a full diff (SPEC §5).
+    fingerprint: str = ""
+
+    @property
+    def id_fields(self) -> tuple[Field, ...]:
+        """user_id, account_id and, when mapped, anonymous_id and url."""
+        optional = tuple(f for f in (self.anonymous_id, self.url) if f is not None)
+        return (self.user_id, self.account_id, *optional)
+
+    @property
+    def selected_fields(self) -> tuple[Field, ...]:
+        """The fields the database computes, in the order extract selects them:
+        id fields, then traits; constants are filled in by transform."""
+        return tuple(f for f in (*self.id_fields, *self.traits) if f.kind != "const")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One source row after transform.
+
+    `payload` is what the diff compares and the state stores: `user_id`,
+    `account_id`, `anonymous_id`, optional `url`, and `traits`. It is None when
+    the record is invalid, and `reason` says why.
+    """
+
+    key: str
+    cursor: Any
+    payload: dict[str, Any] | None
+    reason: str | None = None
+    # the payload as canonical JSON (sorted keys, compact): hashed, stored, diffed
+    canonical: bytes | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.payload is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What the diff concluded about one record against its last-sent payload."""
+
+    kind: ChangeKind
+    record: Record
+    hash: str | None = None
+    old: dict[str, Any] | None = None
+    # trait (or id field) -> (old, new); only for kind == "changed"
+    fields: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One serialized event ready to send. `ref` is opaque to the loader and
+    handed back in `BatchResult`, so the pipeline knows what was acknowledged."""
+
+    key: str
+    event_id: str
+    body: bytes
+    ref: Any = None
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The outcome of one batch: the events the API acknowledged and the ones it
+    refused (each with the server's message, after bisection isolated it)."""
+
+    acked: tuple[Outgoing, ...]
+    rejected: tuple[tuple[Outgoing, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class DeliveryStats:
+    """What delivering one stream cost."""
+
+    sent: int = 0
+    rejected: int = 0
+    batches: int = 0
+    requests: int = 0
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """How to talk to the Hyperengage events API (SPEC §6)."""
+
+    endpoint: str
+    token: Secret
+    api_key: str = ""
+    workspace_key: str = ""
+    batch_size: int = 500
+    batch_bytes: int = 450_000
+    concurrency: int = 2
+    max_rps: float | None = None
+    timeout_seconds: float = 30.0
+    max_attempts: int = 8
+    max_retry_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class StreamReport:
+    """The canonical summary of one stream in one run (SPEC §3 `stream.done`)."""
+
+    stream: str
+    event_type: EventType
+    read: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    invalid: int = 0
+    rejected: int = 0
+    sent: int = 0
+    batches: int = 0
+    retries: int = 0
+    gone: int = 0
+    null_cursor: int | None = None
+    watermark: str | None = None
+    seconds: float = 0.0
+    full: bool = False
+    # (key, reason) of every invalid and rejected record, for the run record
+    invalid_records: tuple[tuple[str, str], ...] = ()
+    rejected_records: tuple[tuple[str, str], ...] = ()
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "read": self.read,
+            "new": self.new,
+            "changed": self.changed,
+            "unchanged": self.unchanged,
+            "invalid": self.invalid,
+            "rejected": self.rejected,
+            "sent": self.sent,
+            "gone": self.gone,
+        }
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What one command did, stream by stream."""
+
+    run_id: int | None
+    command: str
+    streams: tuple[StreamReport, ...]
+    status: Literal["ok", "partial", "failed"] = "ok"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DiffRecord:
+    """One record of a dry run, as the JSON report shows it (SPEC §3 `etl diff`)."""
+
+    key: str
+    kind: Literal["new", "changed", "invalid", "gone"]
+    traits: dict[str, Any] = field(default_factory=dict)
+    changes: dict[str, dict[str, Any]] = field(default_factory=dict)  # {trait: {"old", "new"}}
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class DiffStream:
+    """One stream of a dry run: its counts and the records that would change."""
+
+    stream: str
+    event_type: EventType
+    counts: dict[str, int]  # read, new, changed, unchanged, invalid, gone
+    records: tuple[DiffRecord, ...]
+    truncated: int = 0  # records left out by --limit
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """A whole dry run: `mode` is "incremental" or "full"."""
+
+    mode: Literal["incremental", "full"]
+    streams: tuple[DiffStream, ...]

@@ -1,0 +1,502 @@
+"""The only place the stages meet: mapping -> extract -> transform -> diff -> load -> state.
+
+`run()` takes a list of mappings and the collaborators (source engine, state
+store, HTTP client) and returns a RunReport; `run_stream()` does one stream.
+The same code path serves `sync`, `backfill` and the dry run (`diff`), so the
+dry run reads and diffs exactly what a sync would, and only skips the sending
+and the writing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import httpx
+import orjson
+import structlog
+from sqlalchemy.engine import Connection, Engine
+
+from etl import extract, load
+from etl.diff import ABSENT, changes, fingerprint
+from etl.errors import EtlError, SourceError, StoppedError
+from etl.model import (
+    BatchResult,
+    Change,
+    DeliveryConfig,
+    DiffRecord,
+    DiffReport,
+    DiffStream,
+    Mapping,
+    Outgoing,
+    Record,
+    RunReport,
+    StreamReport,
+)
+from etl.state import Rejected, Sent, StateStore
+from etl.transform import EventContext, event_id, make_transformer, to_event
+
+log = structlog.get_logger("etl")
+
+Mode = Literal["incremental", "full", "backfill"]
+Progress = Callable[[str, int, int | None], None]
+# Invalid/rejected keys kept per stream in a run record; the counts stay exact.
+MAX_LISTED = 1000
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What kind of run, and its knobs."""
+
+    mode: Mode = "incremental"
+    dry_run: bool = False
+    force: bool = False  # backfill: send records even when unchanged
+    restart: bool = False  # backfill: ignore the checkpoint
+    page_size: int = extract.DEFAULT_PAGE_SIZE
+    diff_limit: int | None = None  # dry run: records listed per stream
+    max_transaction_age: dt.timedelta = dt.timedelta(hours=1)
+
+
+@dataclass
+class Collaborators:
+    """The I/O a run needs, built by the caller (the CLI or a test)."""
+
+    source: Engine
+    state: StateStore
+    delivery: DeliveryConfig
+    client: httpx.Client | None = None
+    progress: Progress | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    sleep: Callable[[float], None] = time.sleep
+
+
+class _Ref(NamedTuple):
+    """What the pipeline needs back about an acknowledged event."""
+
+    sent: Sent
+    key_values: list[Any]
+    seq: int
+
+
+@dataclass
+class _Tally:
+    """Mutable counters of one stream while it runs."""
+
+    read: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    invalid: int = 0
+    rejected: int = 0
+    gone: int = 0
+    invalid_records: list[tuple[str, str]] = field(default_factory=list)
+    rejected_records: list[tuple[str, str]] = field(default_factory=list)
+    diff_records: list[DiffRecord] = field(default_factory=list)
+    truncated: int = 0
+
+
+def run(
+    mappings: Sequence[Mapping], *, command: str, options: RunOptions, io: Collaborators
+) -> tuple[RunReport, DiffReport | None]:
+    """Run every stream in order (accounts first: mapping.py sorted them)."""
+    state = io.state
+    run_id = None if options.dry_run else state.start_run(command, options.mode)
+    reports: list[StreamReport] = []
+    diffs: list[DiffStream] = []
+    status: Literal["ok", "partial", "failed"] = "ok"
+    try:
+        for mapping in mappings:
+            report, diff = run_stream(mapping, options=options, io=io)
+            reports.append(report)
+            if diff is not None:
+                diffs.append(diff)
+    except EtlError as exc:
+        state.finish_run(run_id, status="failed", streams=_run_streams(reports), error=str(exc))
+        raise
+    except BaseException as exc:
+        state.finish_run(
+            run_id, status="failed", streams=_run_streams(reports), error=type(exc).__name__
+        )
+        raise
+    if any(r.invalid or r.rejected for r in reports):
+        status = "partial"
+    state.finish_run(run_id, status=status, streams=_run_streams(reports), error=None)
+    diff_report = (
+        DiffReport(
+            mode="incremental" if options.mode == "incremental" else "full", streams=tuple(diffs)
+        )
+        if options.dry_run
+        else None
+    )
+    return RunReport(
+        run_id=run_id, command=command, streams=tuple(reports), status=status
+    ), diff_report
+
+
+def _run_streams(reports: list[StreamReport]) -> list[dict[str, Any]]:
+    return [
+        {
+            "stream": r.stream,
+            **r.counts(),
+            "watermark": r.watermark,
+            "seconds": round(r.seconds, 3),
+            "invalid_records": [list(x) for x in r.invalid_records[:100]],
+            "rejected_records": [list(x) for x in r.rejected_records[:100]],
+        }
+        for r in reports
+    ]
+
+
+def run_stream(
+    mapping: Mapping, *, options: RunOptions, io: Collaborators
+) -> tuple[StreamReport, DiffStream | None]:
+    """One stream: read what may have changed, diff it, send it, remember it."""
+    started = time.monotonic()
+    bound = log.bind(stream=mapping.stream)
+    previous = io.state.stream(mapping.stream)
+    full = options.mode != "incremental" or _needs_full(mapping, previous, bound)
+    checkpoint = (
+        previous.checkpoint
+        if options.mode == "backfill" and previous and not options.restart
+        else None
+    )
+    if checkpoint:
+        bound.info("backfill.resume", after=checkpoint)
+    tally = _Tally()
+    with io.source.connect() as conn, extract.read_only(conn, snapshot=options.mode != "backfill"):
+        src = _source_from(conn, mapping)
+        horizon = extract.safe_horizon(
+            conn, mapping, src, max_transaction_age=options.max_transaction_age
+        )
+        for note in horizon.notes:
+            bound.warning("horizon.limited", note=note)
+        total = extract.estimate_rows(conn, mapping, src) if io.progress else None
+        null_cursor = extract.count_null_cursors(conn, mapping, src) if options.dry_run else None
+        pages = _pages(
+            conn,
+            mapping,
+            src,
+            full=full,
+            previous=previous,
+            after=checkpoint,
+            options=options,
+            state=io.state,
+        )
+        flow = _Flow(mapping=mapping, options=options, io=io, tally=tally, total=total)
+        if options.dry_run:
+            flow.dry_run(pages, full=full)
+            stats = None
+        else:
+            stats = flow.deliver(pages)
+    if io.stop.is_set():
+        raise StoppedError(
+            f"stream {mapping.stream}: stopped by a signal after the in-flight batches were "
+            "acknowledged; state is consistent — run the same command again to continue"
+        )
+    watermark = horizon.value if horizon.value is not None else None
+    if not options.dry_run:
+        io.state.save_watermark(mapping.stream, watermark, mapping.fingerprint)
+    report = StreamReport(
+        stream=mapping.stream,
+        event_type=mapping.event_type,
+        read=tally.read,
+        new=tally.new,
+        changed=tally.changed,
+        unchanged=tally.unchanged,
+        invalid=tally.invalid,
+        rejected=tally.rejected,
+        sent=stats.sent if stats else 0,
+        batches=stats.batches if stats else 0,
+        retries=stats.retries if stats else 0,
+        gone=tally.gone,
+        null_cursor=null_cursor,
+        watermark=_iso(watermark),
+        seconds=time.monotonic() - started,
+        full=full,
+        invalid_records=tuple(tally.invalid_records),
+        rejected_records=tuple(tally.rejected_records),
+    )
+    bound.info(
+        "stream.done",
+        read=report.read,
+        new=report.new,
+        changed=report.changed,
+        unchanged=report.unchanged,
+        invalid=report.invalid,
+        rejected=report.rejected,
+        sent=report.sent,
+        batches=report.batches,
+        retries=report.retries,
+        watermark=report.watermark,
+        seconds=round(report.seconds, 3),
+        mode="full" if full else "incremental",
+        dry_run=options.dry_run,
+    )
+    diff = None
+    if options.dry_run:
+        counts = {k: v for k, v in report.counts().items() if k not in ("rejected", "sent")}
+        diff = DiffStream(
+            stream=mapping.stream,
+            event_type=mapping.event_type,
+            counts=counts,
+            records=tuple(tally.diff_records),
+            truncated=tally.truncated,
+        )
+    return report, diff
+
+
+def _needs_full(mapping: Mapping, previous: Any, bound: Any) -> bool:
+    if mapping.cursor is None or previous is None or previous.watermark is None:
+        return True
+    if previous.fingerprint and previous.fingerprint != mapping.fingerprint:
+        # SPEC §5: old rows must be re-mapped with the new definition.
+        bound.info("stream.mapping_changed", action="full diff")
+        return True
+    return False
+
+
+def _source_from(conn: Connection, mapping: Mapping) -> Any:
+    try:
+        return extract.source_from(conn, mapping)
+    except Exception as exc:
+        orig = getattr(exc, "orig", exc)
+        raise SourceError(
+            f"{mapping.path}: stream {mapping.stream}: cannot read the source: "
+            f"{str(orig).strip().splitlines()[0] if str(orig) else type(orig).__name__} — "
+            "check source.table / source.query (etl validate --check-source)"
+        ) from None
+
+
+def _pages(
+    conn: Connection,
+    mapping: Mapping,
+    src: Any,
+    *,
+    full: bool,
+    previous: Any,
+    after: Sequence[Any] | None,
+    options: RunOptions,
+    state: StateStore,
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Rows to consider: earlier rejects first (re-read by key), then the pages."""
+    if not full:
+        keys = [orjson.loads(r["key_values"]) for r in state.rejected(mapping.stream)]
+        for start in range(0, len(keys), options.page_size):
+            rows = extract.read_keys(conn, mapping, src, keys[start : start + options.page_size])
+            if rows:
+                yield rows
+    if full:
+        yield from extract.read_pages(
+            conn, mapping, src, order="key", after=after, page_size=options.page_size
+        )
+    else:
+        lower = extract.lower_bound(conn, mapping, previous.watermark)
+        yield from extract.read_pages(
+            conn, mapping, src, order="cursor", lower=lower, page_size=options.page_size
+        )
+
+
+@dataclass
+class _Flow:
+    """Pages -> changes -> (events to send | dry-run records), for one stream."""
+
+    mapping: Mapping
+    options: RunOptions
+    io: Collaborators
+    tally: _Tally
+    total: int | None
+    seen: set[int] = field(default_factory=set)
+    seq: int = -1
+    acked_seq: int = -1
+    checkpoints: deque[tuple[int, list[Any]]] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        config = self.io.delivery
+        self.context = EventContext(
+            event_type=self.mapping.event_type,
+            api_key=config.api_key,
+            workspace_key=config.workspace_key,
+        )
+        self.transform = make_transformer(self.mapping, self.context)
+        # Duplicate keys are possible only from a query; a table key is unique
+        # by declaration. Hashes of keys keep this set small (8 bytes a key).
+        self.check_duplicates = self.mapping.source.query is not None
+
+    # ------------------------------------------------------------ changes
+
+    def changes(
+        self, pages: Iterator[list[tuple[Any, ...]]], *, with_payload: bool
+    ) -> Iterator[tuple[Change, list[Any]]]:
+        """Every row's verdict, page by page, with the row's key values."""
+        n_keys = len(self.mapping.key)
+        for page in pages:
+            if self.io.stop.is_set():
+                return
+            records = [self._dedupe(self.transform(row)) for row in page]
+            last = self.io.state.last_sent(
+                self.mapping.stream,
+                [r.key for r in records if r.valid],
+                with_payload=with_payload,
+            )
+            for change, row in zip(changes(records, last), page, strict=True):
+                self._count(change)
+                yield change, list(row[:n_keys])
+            self.tally.read += len(page)
+            if self.options.mode == "backfill":
+                self.checkpoints.append((self.seq, list(page[-1][:n_keys])))
+                self._checkpoint()
+            if self.io.progress:
+                self.io.progress(self.mapping.stream, self.tally.read, self.total)
+
+    def _dedupe(self, record: Record) -> Record:
+        if not self.check_duplicates:
+            return record
+        digest = hash(record.key)
+        if digest in self.seen:
+            return Record(
+                key=record.key,
+                cursor=record.cursor,
+                payload=None,
+                reason="duplicate key: the query returned this key more than once in this "
+                "run — make `key` unique (only the first row was used)",
+            )
+        self.seen.add(digest)
+        return record
+
+    def _count(self, change: Change) -> None:
+        tally = self.tally
+        if change.kind == "invalid":
+            tally.invalid += 1
+            if len(tally.invalid_records) < MAX_LISTED:
+                tally.invalid_records.append((change.record.key, change.record.reason or ""))
+        elif change.kind == "new":
+            tally.new += 1
+        elif change.kind == "changed":
+            tally.changed += 1
+        else:
+            tally.unchanged += 1
+
+    # ------------------------------------------------------------ sending
+
+    def deliver(self, pages: Iterator[list[tuple[Any, ...]]]) -> Any:
+        if self.io.client is None:
+            raise ValueError("deliver needs an HTTP client")
+        return load.deliver(
+            self._outgoing(pages),
+            config=self.io.delivery,
+            on_result=self._on_result,
+            client=self.io.client,
+            sleep=self.io.sleep,
+        )
+
+    def _outgoing(self, pages: Iterator[list[tuple[Any, ...]]]) -> Iterator[Outgoing]:
+        send_unchanged = self.options.force
+        for change, key_values in self.changes(pages, with_payload=False):
+            record = change.record
+            if change.kind == "invalid" or (change.kind == "unchanged" and not send_unchanged):
+                continue
+            # changes() yields new/changed/unchanged only for valid records
+            assert record.payload is not None  # noqa: S101
+            assert record.canonical is not None  # noqa: S101
+            digest = change.hash or fingerprint(record.canonical)
+            eid = event_id(
+                workspace_key=self.context.workspace_key,
+                event_type=self.context.event_type,
+                key=record.key,
+                payload_hash=digest,
+            )
+            body = to_event(record.payload, event_id=eid, context=self.context)
+            self.seq += 1
+            yield Outgoing(
+                key=record.key,
+                event_id=eid,
+                body=body,
+                ref=_Ref(Sent(record.key, digest, record.canonical, eid), key_values, self.seq),
+            )
+
+    def _on_result(self, result: BatchResult) -> None:
+        sent = [o.ref.sent for o in result.acked]
+        rejected = [
+            Rejected(o.key, o.ref.key_values, o.event_id, message) for o, message in result.rejected
+        ]
+        self.io.state.commit_batch(self.mapping.stream, sent, rejected)
+        for outgoing, message in result.rejected:
+            self.tally.rejected += 1
+            if len(self.tally.rejected_records) < MAX_LISTED:
+                self.tally.rejected_records.append((outgoing.key, message))
+        refs = [o.ref.seq for o in result.acked] + [o.ref.seq for o, _ in result.rejected]
+        if refs:
+            self.acked_seq = max(self.acked_seq, *refs)
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Backfill: save the last key up to which everything was acknowledged."""
+        latest = None
+        while self.checkpoints and self.checkpoints[0][0] <= self.acked_seq:
+            latest = self.checkpoints.popleft()[1]
+        if latest is not None:
+            self.io.state.save_checkpoint(self.mapping.stream, latest)
+
+    # ------------------------------------------------------------ dry run
+
+    def dry_run(self, pages: Iterator[list[tuple[Any, ...]]], *, full: bool) -> None:
+        limit = self.options.diff_limit
+        tally = self.tally
+        seen_keys: set[str] | None = set() if full else None
+        for change, _ in self.changes(pages, with_payload=True):
+            if seen_keys is not None:
+                seen_keys.add(change.record.key)
+            if change.kind == "unchanged":
+                continue
+            if limit is not None and len(tally.diff_records) >= limit:
+                tally.truncated += 1
+                continue
+            tally.diff_records.append(_diff_record(change))
+        if seen_keys is None:
+            return
+        # Keys sent before and no longer in the source (information only).
+        for key in self.io.state.sent_keys(self.mapping.stream):
+            if key in seen_keys:
+                continue
+            tally.gone += 1
+            if limit is not None and len(tally.diff_records) >= limit:
+                tally.truncated += 1
+            else:
+                tally.diff_records.append(DiffRecord(key=key, kind="gone"))
+
+
+def _diff_record(change: Change) -> DiffRecord:
+    record = change.record
+    if change.kind == "invalid":
+        return DiffRecord(key=record.key, kind="invalid", reason=record.reason)
+    payload = record.payload or {}
+    traits = dict(payload.get("traits", {}))
+    if change.kind == "new":
+        return DiffRecord(key=record.key, kind="new", traits=traits)
+    return DiffRecord(
+        key=record.key,
+        kind="changed",
+        traits=traits,
+        changes={name: _sides(old, new) for name, (old, new) in change.fields.items()},
+    )
+
+
+def _sides(old: Any, new: Any) -> dict[str, Any]:
+    """{"old", "new"} of one changed field; a side that is absent is left out."""
+    sides = {}
+    if old is not ABSENT:
+        sides["old"] = old
+    if new is not ABSENT:
+        sides["new"] = new
+    return sides
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat() if isinstance(value, dt.datetime) else str(value)

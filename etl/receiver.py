@@ -1,0 +1,878 @@
+"""A local Hyperengage-compatible receiver, for the demo, the end-to-end tests
+and users rehearsing failures before going live (SPEC §2, §3).
+
+`POST /api/v1/s2s/event?token=T` judges a body as the real server does (401 on
+an unknown token, whole-request 400s, the 51,200-bytes-per-event rule, a 500
+after partial acceptance on a `null` element), stores what it accepts in a
+SQLite file and answers `{"status":"ok"}`. A `FaultPlan` makes it misbehave on
+purpose and repeatably (seeded). `GET /health` and `GET /stats` serve demos.
+
+    start_receiver(...)  serve in a background thread (a context manager)
+    serve(...)           serve until Ctrl-C or SIGTERM: `etl receiver`
+    read_events(path)    what a store file holds, without a server
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import random
+import signal
+import socket
+import socketserver
+import sqlite3
+import sys
+import threading
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import structlog
+
+from etl.errors import UsageError
+from etl.model import EVENT_TYPES, REQUIRED_TRAITS
+
+EVENT_PATH = "/api/v1/s2s/event"
+# The real server refuses an array longer than this many bytes times its events.
+BYTES_PER_EVENT = 51_200
+# Bodies are held in memory whole: refuse absurd ones unread.
+MAX_BODY_BYTES = 64 * 1024 * 1024
+STRING_FIELDS = (
+    "event_id",
+    "user_id",
+    "account_id",
+    "api_key",
+    "workspace_key",
+    "src",
+    "library",
+    "event_type",
+    "screen_resolution",
+    "anonymous_id",
+)
+NON_EMPTY_FIELDS = ("event_id", "user_id", "account_id")
+CONSTANT_FIELDS = {"src": "hyperengage", "library": "http", "screen_resolution": "0"}
+NAMED_FAULTS = ("ok", "drop", "accept_then_500", "html_200", "empty_200", "redirect", "hang")
+PLAN_KEYS = (
+    "seed",
+    "sequence",
+    "probabilities",
+    "latency_ms",
+    "retry_after",
+    "hang_seconds",
+    "max_request_bytes",
+    "reject_events_where",
+)
+
+log = structlog.get_logger()
+
+
+# --- the fault plan ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One way to answer a request: normally ("ok"), with an error `status`, or
+    with a named misbehaviour such as "drop" (see NAMED_FAULTS)."""
+
+    name: str  # "status" or one of NAMED_FAULTS
+    status: int | None = None
+    retry_after: float | None = None  # sent as Retry-After with a status
+
+    @property
+    def label(self) -> str | None:
+        """How the request log names this fault; None for a normal answer."""
+        if self.name == "status":
+            return str(self.status)
+        return None if self.name == "ok" else self.name
+
+
+NO_FAULT = Fault("ok")
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """How the receiver misbehaves, so users and tests can rehearse failures.
+
+    From JSON (every key optional):
+
+        {"seed": 7,
+         "sequence": [503, {"status": 429, "retry_after": 2}, "drop", "ok"],
+         "probabilities": {"500": 0.2, "503": 0.05, "drop": 0.03, "accept_then_500": 0.02},
+         "latency_ms": [5, 50], "retry_after": 1, "hang_seconds": 5,
+         "max_request_bytes": 1048576,
+         "reject_events_where": {"traits.email": "bounce@example.com"}}
+
+    Each event POST first meets `max_request_bytes` (413), then takes the next
+    `sequence` entry or, once those are used up, a seeded draw from
+    `probabilities`; faults come before the token check, as a proxy's would.
+    `reject_events_where` refuses (400) a request holding any event whose dotted
+    path equals the value. A fault is an HTTP status 400-599 (Retry-After only
+    from `{"status", "retry_after"}`, or `retry_after` for a drawn 429/503) or:
+    "ok"; "drop" (hang up without an answer); "accept_then_500" (store, then
+    500); "html_200" (a proxy's login page); "empty_200"; "redirect" (302);
+    "hang" (answer normally after `hang_seconds`, client timeouts permitting).
+    """
+
+    seed: int = 0
+    sequence: tuple[Fault, ...] = ()
+    probabilities: tuple[tuple[Fault, float], ...] = ()
+    latency_ms: tuple[float, float] | None = None
+    retry_after: float = 1.0  # for 429 and 503 drawn from `probabilities`
+    hang_seconds: float = 5.0
+    max_request_bytes: int | None = None
+    reject_events_where: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "fault plan") -> FaultPlan:
+        """Parse a plan; every problem is reported at once in one UsageError."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{source}: not valid JSON ({exc}) — fix the file") from exc
+        return _parse_plan(data, source)
+
+
+def load_fault_plan(path: Path) -> FaultPlan:
+    """Read a fault plan file (`etl receiver --faults FILE`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the fault plan ({exc.strerror})") from exc
+    return FaultPlan.from_json(text, source=str(path))
+
+
+def _parse_plan(data: Any, source: str) -> FaultPlan:
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: a fault plan is a JSON object — see FaultPlan for its keys")
+    problems = [
+        f"{key}: unknown key — use one of: {', '.join(PLAN_KEYS)}"
+        for key in data
+        if key not in PLAN_KEYS
+    ]
+    retry_after = _seconds(data, "retry_after", 1.0, problems)
+    plan = FaultPlan(
+        seed=_integer(data, "seed", problems, minimum=0) or 0,
+        sequence=_parse_sequence(data.get("sequence", []), problems),
+        probabilities=_parse_probabilities(data.get("probabilities", {}), retry_after, problems),
+        latency_ms=_parse_latency(data.get("latency_ms"), problems),
+        retry_after=retry_after,
+        hang_seconds=_seconds(data, "hang_seconds", 5.0, problems),
+        max_request_bytes=_integer(data, "max_request_bytes", problems, minimum=1),
+        reject_events_where=_parse_reject(data.get("reject_events_where", {}), problems),
+    )
+    if problems:
+        raise UsageError("\n".join(f"{source}: {problem}" for problem in problems))
+    return plan
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(data: dict[str, Any], key: str, problems: list[str], *, minimum: int) -> int | None:
+    value = data.get(key)
+    if value is None or (
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    ):
+        return value
+    problems.append(f"{key}: expected a whole number >= {minimum}, got {value!r}")
+    return None
+
+
+def _seconds(data: dict[str, Any], key: str, default: float, problems: list[str]) -> float:
+    value = data.get(key, default)
+    if _is_number(value) and value >= 0:
+        return float(value)
+    problems.append(f"{key}: expected a number of seconds >= 0, got {value!r}")
+    return default
+
+
+def _parse_sequence(entries: Any, problems: list[str]) -> tuple[Fault, ...]:
+    if not isinstance(entries, list):
+        problems.append('sequence: expected a list such as [503, "drop", "ok"]')
+        return ()
+    return tuple(_parse_fault(entry, f"sequence[{i}]", problems) for i, entry in enumerate(entries))
+
+
+def _parse_fault(entry: Any, where: str, problems: list[str]) -> Fault:
+    """One fault from its JSON form: 503, "503", "drop" or {"status": 429, "retry_after": 2}."""
+    if isinstance(entry, dict):
+        after = entry.get("retry_after")
+        if set(entry) - {"status", "retry_after"} or not (after is None or _is_number(after)):
+            problems.append(f'{where}: expected {{"status": 400-599, "retry_after": seconds}}')
+            return NO_FAULT
+        return _status_fault(entry.get("status"), where, problems, retry_after=after)
+    if isinstance(entry, str) and entry in NAMED_FAULTS:
+        return Fault(entry)
+    if isinstance(entry, str) and entry.isdigit():
+        entry = int(entry)
+    return _status_fault(entry, where, problems, retry_after=None)
+
+
+def _status_fault(status: Any, where: str, problems: list[str], *, retry_after: Any) -> Fault:
+    if isinstance(status, int) and not isinstance(status, bool) and 400 <= status <= 599:
+        return Fault("status", status, retry_after)
+    problems.append(
+        f"{where}: unknown fault {status!r} — use an HTTP status 400-599 "
+        f"or one of: {', '.join(NAMED_FAULTS)}"
+    )
+    return NO_FAULT
+
+
+def _parse_probabilities(
+    table: Any, retry_after: float, problems: list[str]
+) -> tuple[tuple[Fault, float], ...]:
+    if not isinstance(table, dict):
+        problems.append('probabilities: expected an object such as {"500": 0.2, "drop": 0.05}')
+        return ()
+    pairs = []
+    for key, p in table.items():
+        fault = _parse_fault(key, f"probabilities.{key}", problems)
+        if fault.status in (429, 503):
+            fault = replace(fault, retry_after=retry_after)
+        if not (_is_number(p) and 0 <= p <= 1):
+            problems.append(f"probabilities.{key}: expected a probability in [0, 1], got {p!r}")
+        pairs.append((fault, float(p) if _is_number(p) else 0.0))
+    if sum(p for _, p in pairs) > 1 + 1e-9:
+        problems.append("probabilities: they add up to more than 1 — lower some of them")
+    return tuple(pairs)
+
+
+def _parse_latency(value: Any, problems: list[str]) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value):
+        low, high = float(value[0]), float(value[1])
+        if 0 <= low <= high:
+            return (low, high)
+    problems.append(f"latency_ms: expected [min, max] with 0 <= min <= max, got {value!r}")
+    return None
+
+
+def _parse_reject(table: Any, problems: list[str]) -> tuple[tuple[str, Any], ...]:
+    if not isinstance(table, dict) or not all(table):
+        problems.append('reject_events_where: expected an object such as {"traits.email": "x@y"}')
+        return ()
+    return tuple(table.items())
+
+
+class _FaultPicker:
+    """Hands out one (fault, latency) per request: the sequence first, then seeded
+    draws. The lock makes the order of requests, not thread timing, decide."""
+
+    def __init__(self, plan: FaultPlan) -> None:
+        self._plan = plan
+        self._lock = threading.Lock()
+        self._used = 0
+        # Not for security: a repeatable stream of faults is the point.
+        self._rng = random.Random(plan.seed)  # noqa: S311
+        # A separate stream, so adding latency does not change which faults are drawn.
+        self._latency_rng = random.Random(plan.seed + 1)  # noqa: S311
+
+    def pick(self) -> tuple[Fault, float]:
+        """The next request's fault and its extra latency in seconds."""
+        with self._lock:
+            return self._next_fault(), self._next_latency()
+
+    def _next_fault(self) -> Fault:
+        if self._used < len(self._plan.sequence):
+            self._used += 1
+            return self._plan.sequence[self._used - 1]
+        if not self._plan.probabilities:
+            return NO_FAULT
+        draw, cumulative = self._rng.random(), 0.0
+        for fault, p in self._plan.probabilities:
+            cumulative += p
+            if draw < cumulative:
+                return fault
+        return NO_FAULT
+
+    def _next_latency(self) -> float:
+        if self._plan.latency_ms is None:
+            return 0.0
+        return self._latency_rng.uniform(*self._plan.latency_ms) / 1000
+
+
+# --- judging a request -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """An HTTP answer to write back."""
+
+    status: int
+    body: bytes = b""
+    content_type: str | None = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """What to do with one event POST: the answer (None: hang up without one),
+    the events to store, and what the request log says about it."""
+
+    answer: _Answer | None
+    accepted: tuple[dict[str, Any], ...] = ()
+    n_events: int = 0
+    fault: str | None = None
+
+
+def _json_answer(status: int, payload: Any) -> _Answer:
+    return _Answer(status, orjson.dumps(payload))
+
+
+def _error(status: int, message: str) -> _Answer:
+    """An error in the real server's shape."""
+    return _json_answer(status, {"message": message, "error": ""})
+
+
+OK_ANSWER = _json_answer(200, {"status": "ok"})
+
+
+def _canned_answer(fault: Fault) -> _Answer | None:
+    """The answer of a fault that never looks at the body (None: hang up)."""
+    if fault.name == "drop":
+        return None
+    if fault.name == "html_200":  # a proxy's login page
+        return _Answer(200, b"<html>login</html>", "text/html")
+    if fault.name == "empty_200":
+        return _Answer(200, b"", None)
+    if fault.name == "redirect":
+        return _Answer(302, b"", None, (("Location", "/login"),))
+    headers = () if fault.retry_after is None else (("Retry-After", f"{fault.retry_after:g}"),)
+    return replace(
+        _error(fault.status or 500, f"injected fault: HTTP {fault.status}"), headers=headers
+    )
+
+
+def _judge(
+    body: bytes, token: str | None, *, tokens: Collection[str], reject: tuple[tuple[str, Any], ...]
+) -> _Verdict:
+    """The real server's verdict on one POST, plus the fault plan's refusals."""
+    if token is None or token not in tokens:
+        # Echoed as the real server does: clients must never log bodies raw.
+        return _Verdict(_error(401, f"invalid token: {token or ''}"))
+    events = _parse_body(body)
+    if isinstance(events, str):
+        return _Verdict(_error(400, events), n_events=_count_events(body))
+    for index, event in enumerate(events):
+        if event is None:  # the real server crashes here, keeping what came before
+            message = f"event {index}: null element (internal error after {index} events)"
+            return _Verdict(_error(500, message), tuple(events[:index]), len(events))
+        if problem := _event_problem(event):
+            return _Verdict(_error(400, f"event {index}: {problem}"), n_events=len(events))
+        if rule := _matching_rule(event, reject):
+            message = f"event {index}: refused by the fault plan: {rule}"
+            return _Verdict(_error(400, message), n_events=len(events), fault="reject_events_where")
+    return _Verdict(OK_ANSWER, tuple(events), len(events))
+
+
+def _parse_body(body: bytes) -> list[Any] | str:
+    """The events of a body, or why the whole request is malformed."""
+    if body[:1] not in (b"[", b"{"):
+        return "body must start with '[' or '{' (no leading whitespace or byte order mark)"
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return f"body is not valid JSON: {exc}"
+    events = data if isinstance(data, list) else [data]
+    if not events:
+        return "the array holds no events"
+    if len(body) > BYTES_PER_EVENT * len(events):
+        return (
+            f"body of {len(body)} bytes is over {BYTES_PER_EVENT} bytes "
+            f"per event for {len(events)} events"
+        )
+    return events
+
+
+def _count_events(body: bytes) -> int:
+    """How many events a body holds, for the request log; 0 when it is not JSON."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return 0
+    return len(data) if isinstance(data, list) else 1
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "number", float: "number", str: "string"}
+    names |= {list: "array", dict: "object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _event_problem(event: Any) -> str | None:
+    """Why one event breaks SPEC §2, or None."""
+    if not isinstance(event, dict):
+        return f"must be an object, not {_json_type(event)}"
+    for name in STRING_FIELDS:
+        if name not in event:
+            return f"field '{name}' is missing"
+        if not isinstance(event[name], str):
+            return f"field '{name}' must be a string, not {_json_type(event[name])}"
+        if name in NON_EMPTY_FIELDS and not event[name]:
+            return f"field '{name}' must not be empty"
+    if event["event_type"] not in EVENT_TYPES:
+        return f"event_type must be one of {', '.join(EVENT_TYPES)}, not {event['event_type']!r}"
+    for name, expected in CONSTANT_FIELDS.items():
+        if event[name] != expected:
+            return f"field '{name}' must be {expected!r}, not {event[name]!r}"
+    if "url" in event and not isinstance(event["url"], str):
+        return f"field 'url' must be a string, not {_json_type(event['url'])}"
+    return _traits_problem(event["event_type"], event.get("traits"))
+
+
+def _traits_problem(event_type: Any, traits: Any) -> str | None:
+    if not isinstance(traits, dict):
+        return f"traits must be an object, not {_json_type(traits)}"
+    for name, value in traits.items():
+        if not _is_trait_value(value):
+            return (
+                f"traits.{name} must be a number, boolean, string or array of strings, "
+                f"not {_json_type(value)}"
+            )
+    for name in REQUIRED_TRAITS[event_type]:
+        if traits.get(name) in (None, "", []):
+            return f"traits.{name} is required for {event_type}"
+    return None
+
+
+def _is_trait_value(value: Any) -> bool:
+    if isinstance(value, bool | int | float | str):
+        return True
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _matching_rule(event: dict[str, Any], reject: tuple[tuple[str, Any], ...]) -> str | None:
+    """The first `reject_events_where` rule this event matches, as `path == value`."""
+    for path, expected in reject:
+        value: Any = event
+        for part in path.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value == expected:
+            return f"{path} == {json.dumps(expected)}"
+    return None
+
+
+_MISSING = object()
+
+
+# --- the store ---------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at TEXT NOT NULL,
+    status INTEGER,  -- NULL: the connection was dropped without an answer
+    n_events INTEGER NOT NULL,
+    n_bytes INTEGER NOT NULL,
+    fault TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id INTEGER NOT NULL REFERENCES requests (id),
+    received_at TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_event_id ON events (event_id);
+"""
+_REQUEST_COLUMNS = ("id", "received_at", "status", "n_events", "n_bytes", "fault")
+
+
+def _event_columns(event: dict[str, Any]) -> tuple[str, ...]:
+    """The indexed columns of an accepted event, then its JSON body."""
+    keys = ("event_id", "event_type", "user_id", "account_id")
+    return (*(event[key] for key in keys), orjson.dumps(event).decode())
+
+
+def _load_events(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute("SELECT body FROM events ORDER BY id")
+    return [orjson.loads(body) for (body,) in rows]
+
+
+class _Store:
+    """The SQLite file of requests and accepted events: one connection shared by
+    the handler threads under a lock (SQLite writes one at a time anyway)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._conn = sqlite3.connect(path, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")  # readers never block the server
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise UsageError(f"{path}: cannot open the receiver store ({exc})") from exc
+        self._lock = threading.Lock()
+
+    def add(self, verdict: _Verdict, n_bytes: int) -> None:
+        """Log one request and store its accepted events, in one transaction."""
+        now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        status = verdict.answer.status if verdict.answer else None
+        with self._lock, self._conn:
+            cursor = self._conn.execute(
+                "INSERT INTO requests (received_at, status, n_events, n_bytes, fault)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (now, status, verdict.n_events, n_bytes, verdict.fault),
+            )
+            self._conn.executemany(
+                "INSERT INTO events (request_id, received_at, event_id, event_type, user_id,"
+                " account_id, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(cursor.lastrowid, now, *_event_columns(e)) for e in verdict.accepted],
+            )
+
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return _load_events(self._conn)
+
+    def requests(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {', '.join(_REQUEST_COLUMNS)} FROM requests ORDER BY id"
+            )
+            return [dict(zip(_REQUEST_COLUMNS, row, strict=True)) for row in rows]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for demos: events stored, requests by status and by fault."""
+        with self._lock:
+            (events,) = self._conn.execute("SELECT count(*) FROM events").fetchone()
+            by_status = self._conn.execute("SELECT status, count(*) FROM requests GROUP BY status")
+            statuses = {str(s) if s is not None else "dropped": n for s, n in by_status}
+            by_fault = self._conn.execute(
+                "SELECT fault, count(*) FROM requests WHERE fault IS NOT NULL GROUP BY fault"
+            )
+            faults = dict(by_fault.fetchall())
+        requests = sum(statuses.values())
+        return {"events": events, "requests": requests, "by_status": statuses, "by_fault": faults}
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def read_events(store: Path) -> list[dict[str, Any]]:
+    """The events a receiver store file holds, in arrival order; no server needed."""
+    uri = store.resolve().as_uri() + "?mode=ro"  # read-only: never create a stray file
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            return _load_events(conn)
+    except sqlite3.Error as exc:
+        raise UsageError(f"{store}: not a receiver store ({exc})") from exc
+
+
+# --- serving -----------------------------------------------------------------
+
+
+class _Receiver:
+    """Decides every answer (the fault plan first, then the real server's rules)
+    and records every event POST in the store."""
+
+    def __init__(self, *, store: _Store, tokens: frozenset[str], plan: FaultPlan) -> None:
+        self.store = store
+        self._tokens = tokens
+        self._plan = plan
+        self._picker = _FaultPicker(plan)
+        # Set on stop: wakes requests sleeping in a hang or latency.
+        self.stopping = threading.Event()
+
+    def answer_post(self, body: bytes, token: str | None) -> _Answer | None:
+        """The answer to one event POST, or None to hang up without one."""
+        cap = self._plan.max_request_bytes
+        if cap is not None and len(body) > cap:  # before any other fault, as a proxy would
+            message = f"request of {len(body)} bytes is over the {cap}-byte limit"
+            verdict = _Verdict(_error(413, message), (), _count_events(body), "max_request_bytes")
+        else:
+            fault, latency = self._picker.pick()
+            verdict = self._apply(fault, body, token, latency)
+        self.store.add(verdict, len(body))
+        log.info(
+            "request.answered",
+            status=verdict.answer.status if verdict.answer else None,
+            n_events=verdict.n_events,
+            n_bytes=len(body),
+            stored=len(verdict.accepted),
+            fault=verdict.fault,
+        )
+        return verdict.answer
+
+    def _apply(self, fault: Fault, body: bytes, token: str | None, latency: float) -> _Verdict:
+        if latency and self.stopping.wait(latency):
+            return _Verdict(None, n_events=_count_events(body), fault="stopping")
+        if fault.name == "hang" and self.stopping.wait(self._plan.hang_seconds):
+            return _Verdict(None, n_events=_count_events(body), fault="hang")
+        if fault.name not in ("ok", "hang", "accept_then_500"):
+            return _Verdict(_canned_answer(fault), n_events=_count_events(body), fault=fault.label)
+        verdict = _judge(body, token, tokens=self._tokens, reject=self._plan.reject_events_where)
+        if fault.name == "accept_then_500" and verdict.answer == OK_ANSWER:
+            # The ambiguous failure: stored, yet the client is told it failed.
+            failed = _error(500, "injected fault: accepted, then failed")
+            return replace(verdict, answer=failed, fault=fault.label)
+        return replace(verdict, fault=verdict.fault or fault.label)
+
+    def answer_get(self, path: str) -> _Answer:
+        """Health and stats for demos; the event path only takes POST."""
+        if path == "/health":
+            return OK_ANSWER
+        if path == "/stats":
+            return _json_answer(200, self.store.stats())
+        if path == EVENT_PATH:
+            return replace(_error(405, "use POST"), headers=(("Allow", "POST"),))
+        return _error(404, f"no such path: {path}")
+
+
+def _split_target(target: str) -> tuple[str, str | None]:
+    """The path and the `token` query parameter of a request target."""
+    parts = urlsplit(target)
+    tokens = parse_qs(parts.query).get("token")
+    return parts.path, tokens[0] if tokens else None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One connection's HTTP plumbing; every decision is the receiver's."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive: the client pools its connections
+    timeout = 60  # an idle keep-alive connection must not pin a thread forever
+    # Headers and body go out in two writes: without this, Nagle's algorithm and
+    # the client's delayed ACK add ~40 ms to every answer on a kept-alive connection.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def do_POST(self) -> None:
+        path, token = _split_target(self.path)
+        body = self._read_body()
+        if body is None:
+            return
+        if path != EVENT_PATH:
+            self._send(_error(404, f"no such path: {path}"))
+            return
+        answer = self.server.receiver.answer_post(body, token)
+        if answer is None:  # "drop": close without a word
+            self.close_connection = True
+        else:
+            self._send(answer)
+
+    def do_GET(self) -> None:
+        path, _ = _split_target(self.path)
+        self._send(self.server.receiver.answer_get(path))
+
+    def _refuse_method(self) -> None:
+        self.close_connection = True  # the body, if any, was not read
+        self._send(replace(_error(405, "use POST or GET"), headers=(("Allow", "GET, POST"),)))
+
+    do_PUT = do_PATCH = do_DELETE = _refuse_method
+
+    def _read_body(self) -> bytes | None:
+        """The request body, or None after answering why it cannot be read."""
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            self.close_connection = True
+            self._send(_error(411, "a Content-Length header is required"))
+            return None
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._send(_error(413, f"request body over {MAX_BODY_BYTES} bytes"))
+            return None
+        return self.rfile.read(int(length))
+
+    def _send(self, answer: _Answer) -> None:
+        self.send_response(answer.status)
+        if answer.content_type:
+            self.send_header("Content-Type", answer.content_type)
+        for name, value in answer.headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(answer.body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(answer.body)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Silenced: the receiver logs each request itself, without the URL."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Silenced: http.server would print the raw request line, token and all."""
+
+
+class _Server(ThreadingHTTPServer):
+    """A threading HTTP server that can stop promptly with clients still connected."""
+
+    daemon_threads = False  # joined in server_close(), so no handler outlives the store
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], receiver: _Receiver) -> None:
+        self.receiver = receiver
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind() looks the host name up (a DNS query): not needed.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def hang_up_all(self) -> None:
+        """Shut every open connection, waking handler threads that wait on a client."""
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):  # it may have closed meanwhile
+                connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            # Routine here: clients time out on "hang" and stop() hangs up on them.
+            log.debug("connection.lost", error=repr(error))
+        else:
+            log.error("request.failed", error=repr(error))
+
+
+class RunningReceiver:
+    """A receiver serving in a background thread: where it listens, what it holds,
+    and how to stop it."""
+
+    def __init__(self, server: _Server, thread: threading.Thread, host: str) -> None:
+        self._server = server
+        self._thread = thread
+        self._stopped = False
+        self.port: int = server.server_port
+        url_host = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{url_host}:{self.port}"
+        self.url = self.base_url + EVENT_PATH  # the endpoint to configure the client with
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every stored event, in arrival order."""
+        return self._server.receiver.store.events()
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The request log: id, received_at, status (None: dropped), n_events, n_bytes, fault."""
+        return self._server.receiver.store.requests()
+
+    def stats(self) -> dict[str, Any]:
+        """What `GET /stats` answers: events stored, requests by status and by fault."""
+        return self._server.receiver.store.stats()
+
+    def wait(self) -> None:
+        """Block until the receiver stops; Ctrl-C interrupts (for `serve`)."""
+        while self._thread.is_alive():
+            self._thread.join(0.2)  # short joins keep signals prompt
+
+    def stop(self) -> None:
+        """Stop serving, end in-flight requests, join every thread, close the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._server.shutdown()
+        self._server.receiver.stopping.set()
+        self._server.hang_up_all()
+        self._server.server_close()  # closes the socket and joins the handler threads
+        self._thread.join()
+        self._server.receiver.store.close()
+
+
+def _check_host(host: str, allow_remote: bool) -> None:
+    if allow_remote or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise UsageError(
+            f"receiver: refusing to listen on {host}: not a loopback address, and the "
+            "receiver has no TLS or access control — use 127.0.0.1, or allow remote "
+            "access explicitly"
+        )
+
+
+@contextlib.contextmanager
+def start_receiver(
+    *,
+    store: Path,
+    tokens: Collection[str],
+    faults: FaultPlan | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    allow_remote: bool = False,
+) -> Iterator[RunningReceiver]:
+    """Serve in a background thread for the duration of a `with` block.
+
+    Port 0 picks a free port (see `RunningReceiver.port`). Only tokens in
+    `tokens` are accepted; the store file is created or appended to.
+    """
+    _check_host(host, allow_remote)
+    accepted = frozenset(tokens)
+    if not accepted:
+        raise UsageError("receiver: no accepted token — give at least one")
+    db = _Store(store)
+    receiver = _Receiver(store=db, tokens=accepted, plan=faults or FaultPlan())
+    try:
+        server = _Server((host, port), receiver)
+    except OSError as exc:
+        db.close()
+        raise UsageError(f"receiver: cannot listen on {host}:{port} ({exc.strerror})") from exc
+    # A short poll interval: stop() waits up to one interval for the loop to notice.
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver", daemon=True
+    )
+    thread.start()
+    running = RunningReceiver(server, thread, host)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (kill, docker stop, Kubernetes) like Ctrl-C while serving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def serve(
+    *,
+    store: Path,
+    tokens: Collection[str],
+    faults: FaultPlan | None,
+    host: str,
+    port: int,
+    allow_remote: bool = False,
+) -> None:
+    """Serve until Ctrl-C or SIGTERM, then shut down cleanly (`etl receiver`)."""
+    receiving = start_receiver(
+        store=store, tokens=tokens, faults=faults, host=host, port=port, allow_remote=allow_remote
+    )
+    with _sigterm_as_interrupt(), contextlib.suppress(KeyboardInterrupt), receiving as running:
+        log.info(
+            "receiver.started", host=host, port=running.port, store=str(store), url=running.url
+        )
+        running.wait()
+    log.info("receiver.stopped", store=str(store))

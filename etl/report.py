@@ -1,0 +1,656 @@
+"""Turns finished data into text for people and scripts: the dry-run report of
+`etl diff` (text, JSON, Markdown, HTML), the plain tables of `etl state show` /
+`etl runs`, and the summary printed after a run.
+
+Pure: data in, text out. No I/O and no clock, so a test builds a DiffReport or a
+RunReport by hand and reads the result.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from datetime import date
+from typing import Any, Final
+
+from etl.errors import UsageError
+from etl.model import DiffRecord, DiffReport, DiffStream, RunReport, StreamReport
+
+FORMATS: Final = ("text", "json", "markdown", "html")
+SCHEMA_VERSION: Final = 1
+COUNT_KEYS: Final = ("read", "new", "changed", "unchanged", "invalid", "gone")
+KINDS: Final = ("new", "changed", "invalid", "gone")
+# Summaries lead with what would be sent, then the rest; `read` closes the line.
+_SUMMARY_KEYS: Final = ("new", "changed", "invalid", "unchanged", "gone")
+GONE_NOTE: Final = "(sent before, no longer in the source; the API cannot delete)"
+RUN_LIST_LIMIT: Final = 20
+
+# A trait present on only one side of a change (the change dict lacks "old" or "new").
+_ABSENT: Final = object()
+_EMAIL = re.compile(r"([^@\s])[^@\s]*@([^@\s.])[^@\s]*\.([^@\s.]+)")
+# C0/C1 controls, line separators and bidi overrides (which can make text lie).
+_NON_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
+
+_VALUE = {
+    "anyOf": [
+        {"type": ["string", "number", "boolean", "null"]},
+        {"type": "array", "items": {"type": "string"}},
+    ]
+}
+_COUNT = {"type": "integer", "minimum": 0}
+DIFF_JSON_SCHEMA: Final[dict[str, Any]] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "etl diff report",
+    "description": "What `etl diff --format json` prints: per stream, the records a sync would "
+    "send. In `changes`, a side is left out when the trait is absent on that side.",
+    "type": "object",
+    "required": ["schema_version", "mode", "streams"],
+    "additionalProperties": False,
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "mode": {"enum": ["incremental", "full"]},
+        "streams": {"type": "array", "items": {"$ref": "#/$defs/stream"}},
+    },
+    "$defs": {
+        "stream": {
+            "type": "object",
+            "required": ["stream", "event_type", "counts", "records", "truncated"],
+            "additionalProperties": False,
+            "properties": {
+                "stream": {"type": "string"},
+                "event_type": {"enum": ["user_identify", "account_identify"]},
+                "counts": {
+                    "type": "object",
+                    "required": list(COUNT_KEYS),
+                    "additionalProperties": False,
+                    "properties": dict.fromkeys(COUNT_KEYS, _COUNT),
+                },
+                "records": {"type": "array", "items": {"$ref": "#/$defs/record"}},
+                "truncated": _COUNT,
+            },
+        },
+        "record": {
+            "type": "object",
+            "required": ["key", "kind", "traits", "changes", "reason"],
+            "additionalProperties": False,
+            "properties": {
+                "key": {"type": "string"},
+                "kind": {"enum": ["new", "changed", "invalid", "gone"]},
+                "traits": {"type": "object", "additionalProperties": _VALUE},
+                "changes": {"type": "object", "additionalProperties": {"$ref": "#/$defs/change"}},
+                "reason": {"type": ["string", "null"]},
+            },
+        },
+        "change": {
+            "type": "object",
+            "minProperties": 1,
+            "additionalProperties": False,
+            "properties": {"old": _VALUE, "new": _VALUE},
+        },
+    },
+}
+
+
+# --- redaction --------------------------------------------------------------
+
+
+def redact_value(value: Any) -> Any:
+    """Mask a trait value so a report can be shared: `jane@example.com` becomes
+    `j***@e***.com`, other text its first character + `***` (empty stays empty);
+    numbers, booleans and null are kept; arrays are masked element by element."""
+    if isinstance(value, str):
+        return _redact_text(value)
+    if isinstance(value, list | tuple):
+        return [redact_value(item) for item in value]
+    if isinstance(value, dict):
+        return {name: redact_value(item) for name, item in value.items()}
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return _redact_text(str(value))
+
+
+def _redact_text(text: str) -> str:
+    if not text:
+        return text
+    email = _EMAIL.fullmatch(text)
+    if email:
+        return f"{email[1]}***@{email[2]}***.{email[3]}"
+    return text[0] + "***"
+
+
+def _redact_record(record: DiffRecord) -> DiffRecord:
+    changes = {
+        trait: {side: redact_value(value) for side, value in change.items()}
+        for trait, change in record.changes.items()
+    }
+    return replace(record, traits=redact_value(record.traits), changes=changes)
+
+
+def _redact_report(report: DiffReport) -> DiffReport:
+    streams = tuple(
+        replace(stream, records=tuple(_redact_record(r) for r in stream.records))
+        for stream in report.streams
+    )
+    return replace(report, streams=streams)
+
+
+# --- shared helpers ---------------------------------------------------------
+
+
+def _plain(text: str) -> str:
+    """`text` with control characters escaped, so a key cannot move a terminal's
+    cursor or break a table row."""
+    return _NON_PRINTABLE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
+def _show(value: Any) -> str:
+    """A value as one line of compact JSON, so "" vs null vs 0 stay distinct."""
+    if value is _ABSENT:
+        return "(absent)"
+    return _plain(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str))
+
+
+def _counts(stream: DiffStream) -> dict[str, int]:
+    return {name: int(stream.counts.get(name, 0)) for name in COUNT_KEYS}
+
+
+def _total_counts(report: DiffReport) -> dict[str, int]:
+    return {name: sum(_counts(s)[name] for s in report.streams) for name in COUNT_KEYS}
+
+
+def _count_phrase(counts: Mapping[str, int], sep: str = ", ") -> str:
+    """`4 new, 2 changed, 1 invalid, 1,210 unchanged, 0 gone — read 1,217`."""
+    parts = sep.join(f"{counts[name]:,} {name}" for name in _SUMMARY_KEYS)
+    return f"{parts} — read {counts['read']:,}"
+
+
+def _more_note(stream: DiffStream) -> str:
+    return f"… and {stream.truncated:,} more (raise --limit)"
+
+
+def _side(change: Mapping[str, Any], side: str) -> Any:
+    return change.get(side, _ABSENT)
+
+
+# --- json -------------------------------------------------------------------
+
+
+def diff_to_dict(report: DiffReport, *, redact: bool = False) -> dict[str, Any]:
+    """The stable JSON form of a dry run (SPEC §3), described by DIFF_JSON_SCHEMA."""
+    if redact:
+        report = _redact_report(report)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "mode": report.mode,
+        "streams": [_stream_to_dict(stream) for stream in report.streams],
+    }
+
+
+def _stream_to_dict(stream: DiffStream) -> dict[str, Any]:
+    return {
+        "stream": stream.stream,
+        "event_type": stream.event_type,
+        "counts": _counts(stream),
+        "records": [_record_to_dict(record) for record in stream.records],
+        "truncated": stream.truncated,
+    }
+
+
+def _record_to_dict(record: DiffRecord) -> dict[str, Any]:
+    return {
+        "key": record.key,
+        "kind": record.kind,
+        "traits": dict(record.traits),
+        "changes": {
+            trait: {side: change[side] for side in ("old", "new") if side in change}
+            for trait, change in record.changes.items()
+        },
+        "reason": record.reason,
+    }
+
+
+def _render_json(report: DiffReport) -> str:
+    return json.dumps(diff_to_dict(report), indent=2, ensure_ascii=False, default=str) + "\n"
+
+
+# --- text -------------------------------------------------------------------
+
+_ANSI: Final = {"new": "32", "changed": "33", "invalid": "31", "gone": "2", "header": "1"}
+
+
+def _paint(text: str, style: str, color: bool) -> str:
+    return f"\x1b[{_ANSI[style]}m{text}\x1b[0m" if color else text
+
+
+def _text_new(record: DiffRecord, color: bool) -> list[str]:
+    traits = [f"    {_plain(name)}: {_show(value)}" for name, value in record.traits.items()]
+    return [_paint(f"+ {_plain(record.key)}", "new", color), *traits]
+
+
+def _text_changed(record: DiffRecord, color: bool) -> list[str]:
+    changes = [
+        f"    {_plain(name)}: {_show(_side(change, 'old'))} → {_show(_side(change, 'new'))}"
+        for name, change in record.changes.items()
+    ]
+    return [_paint(f"~ {_plain(record.key)}", "changed", color), *changes]
+
+
+def _text_invalid(record: DiffRecord, color: bool) -> list[str]:
+    reason = _plain(record.reason or "invalid")
+    return [_paint(f"! {_plain(record.key)}  {reason}", "invalid", color)]
+
+
+def _text_gone(record: DiffRecord, color: bool) -> list[str]:
+    return [_paint(f"- {_plain(record.key)}  {GONE_NOTE}", "gone", color)]
+
+
+_TEXT_RECORD: Final[dict[str, Callable[[DiffRecord, bool], list[str]]]] = {
+    "new": _text_new,
+    "changed": _text_changed,
+    "invalid": _text_invalid,
+    "gone": _text_gone,
+}
+
+
+def _render_text(report: DiffReport, color: bool) -> str:
+    lines: list[str] = []
+    for stream in report.streams:
+        header = f"{_plain(stream.stream)} ({stream.event_type}): {_count_phrase(_counts(stream))}"
+        lines.append(_paint(header, "header", color))
+        for record in stream.records:
+            lines.extend(_TEXT_RECORD[record.kind](record, color))
+        if stream.truncated:
+            lines.append(_more_note(stream))
+        lines.append("")
+    streams = f"{len(report.streams)} stream{'s' if len(report.streams) != 1 else ''}"
+    total = _count_phrase(_total_counts(report))
+    lines.append(f"total ({report.mode}, {streams}): {total}; dry run, nothing sent")
+    return "\n".join(lines) + "\n"
+
+
+# --- markdown ---------------------------------------------------------------
+
+
+def _md(text: str) -> str:
+    """Text that Markdown shows literally, also inside a table cell."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", _plain(text))
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_summary(report: DiffReport) -> list[str]:
+    order = (*_SUMMARY_KEYS, "read")
+    rows = [
+        _md_row([_md(s.stream), *(f"{_counts(s)[k]:,}" for k in order)]) for s in report.streams
+    ]
+    total = _total_counts(report)
+    return [
+        _md_row(["stream", *order]),
+        _md_row([":--", *("--:" for _ in order)]),
+        *rows,
+        _md_row(["**total**", *(f"**{total[k]:,}**" for k in order)]),
+    ]
+
+
+def _md_change_table(records: Sequence[DiffRecord]) -> list[str]:
+    rows = [
+        _md_row([_md(r.key), _md(name), _md(_show(_side(c, "old"))), _md(_show(_side(c, "new")))])
+        for r in records
+        for name, c in r.changes.items()
+    ]
+    if not rows:
+        return []
+    return [
+        "**Changed**",
+        "",
+        _md_row(["key", "trait", "old", "new"]),
+        _md_row([":--"] * 4),
+        *rows,
+        "",
+    ]
+
+
+def _md_key_list(title: str, records: Sequence[DiffRecord], with_reason: bool = False) -> list[str]:
+    if not records:
+        return []
+    items = [
+        f"- {_md(r.key)}" + (f" — {_md(r.reason or 'invalid')}" if with_reason else "")
+        for r in records
+    ]
+    return [title, "", *items, ""]
+
+
+def _md_stream(stream: DiffStream) -> list[str]:
+    by_kind = {kind: [r for r in stream.records if r.kind == kind] for kind in KINDS}
+    lines = [
+        f"### {_md(stream.stream)} (`{stream.event_type}`)",
+        "",
+        _count_phrase(_counts(stream)),
+        "",
+    ]
+    lines += _md_change_table(by_kind["changed"])
+    lines += _md_key_list("**New**", by_kind["new"])
+    lines += _md_key_list("**Invalid**", by_kind["invalid"], with_reason=True)
+    lines += _md_key_list(f"**Gone** {GONE_NOTE}", by_kind["gone"])
+    if stream.truncated:
+        lines += [f"_{_md(_more_note(stream))}_", ""]
+    return lines
+
+
+def _render_markdown(report: DiffReport) -> str:
+    lines = [f"## etl diff ({report.mode}): what the next sync would send", ""]
+    lines += [*_md_summary(report), ""]
+    for stream in report.streams:
+        lines += _md_stream(stream)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+# --- html -------------------------------------------------------------------
+
+_CSS: Final = """
+:root { --fg:#1f2328; --muted:#656d76; --line:#d8dee4; --page:#f6f8fa;
+  --new:#1a7f37; --new-bg:#e6f6ea; --changed:#9a6700; --changed-bg:#fff5d1;
+  --invalid:#cf222e; --invalid-bg:#ffebe9; --gone:#6e7781; --gone-bg:#eef1f4; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--page); color:var(--fg);
+  font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
+main { max-width:1040px; margin:0 auto; padding:32px 24px 64px; }
+h1 { font-size:26px; margin:0 0 4px; }
+h2 { font-size:19px; margin:0; }
+.meta, .counts, .more, .empty { color:var(--muted); margin:0 0 16px; }
+code, .v { font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace; font-size:13px; }
+.panel, .card { background:#fff; border:1px solid var(--line); border-radius:8px; }
+.panel { overflow:hidden; margin:20px 0 8px; }
+table { border-collapse:collapse; width:100%; }
+th, td { text-align:left; padding:7px 12px; border-bottom:1px solid var(--line);
+  vertical-align:top; }
+tr:last-child > th, tr:last-child > td { border-bottom:0; }
+thead th { background:#fafbfc; font-size:12px; text-transform:uppercase; letter-spacing:.04em;
+  color:var(--muted); font-weight:600; }
+.num { text-align:right; font-variant-numeric:tabular-nums; }
+.zero { color:#b1bac4; }
+tfoot td, tfoot th { font-weight:600; border-top:1px solid var(--line); }
+a { color:#0969da; text-decoration:none; }
+section { margin-top:40px; }
+section > header { display:flex; align-items:baseline; gap:10px; }
+.card { margin:12px 0; border-left:4px solid var(--gone); overflow:hidden; }
+.card > header { display:flex; align-items:center; gap:10px; padding:10px 14px; }
+.card .key { font-size:14px; font-weight:600; overflow-wrap:anywhere; }
+.card > p { margin:0; padding:0 14px 12px; }
+.card table { border-top:1px solid var(--line); }
+.card.new { border-left-color:var(--new); } .card.changed { border-left-color:var(--changed); }
+.card.invalid { border-left-color:var(--invalid); }
+.badge { font-size:11px; font-weight:700; padding:2px 9px; border-radius:999px;
+  text-transform:uppercase; letter-spacing:.05em; }
+.badge.new { color:var(--new); background:var(--new-bg); }
+.badge.changed { color:var(--changed); background:var(--changed-bg); }
+.badge.invalid { color:var(--invalid); background:var(--invalid-bg); }
+.badge.gone { color:var(--gone); background:var(--gone-bg); }
+.fields th { width:26%; font-weight:500; color:var(--muted); }
+.fields td { overflow-wrap:anywhere; }
+.fields.diff td { width:37%; }
+tr.changed > th { color:var(--fg); font-weight:600; }
+tr.changed > td.old { background:var(--invalid-bg); }
+tr.changed > td.new { background:var(--new-bg); }
+tr.same > td { color:var(--muted); }
+.absent { color:#8c959f; font-style:italic; font-family:inherit; }
+.reason { color:var(--invalid); }
+"""
+
+
+def _h(text: str) -> str:
+    return html.escape(_plain(text), quote=True)
+
+
+def _html_value(value: Any) -> str:
+    if value is _ABSENT:
+        return '<span class="absent">absent</span>'
+    return f'<span class="v">{_h(_show(value))}</span>'
+
+
+def _html_num(value: int) -> str:
+    return f'<td class="num{" zero" if value == 0 else ""}">{value:,}</td>'
+
+
+def _html_summary(report: DiffReport) -> str:
+    order = (*_SUMMARY_KEYS, "read")
+    head = "".join(f'<th class="num">{name}</th>' for name in order)
+    rows = [
+        f'<tr><th scope="row"><a href="#s{i}">{_h(s.stream)}</a></th>'
+        f"<td><code>{_h(s.event_type)}</code></td>"
+        f"{''.join(_html_num(_counts(s)[k]) for k in order)}</tr>"
+        for i, s in enumerate(report.streams, 1)
+    ]
+    total = _total_counts(report)
+    foot = (
+        f'<tr><th scope="row">Total</th><td></td>{"".join(_html_num(total[k]) for k in order)}</tr>'
+    )
+    return (
+        '<div class="panel"><table class="summary">'
+        f"<thead><tr><th>Stream</th><th>Event type</th>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody><tfoot>{foot}</tfoot></table></div>"
+    )
+
+
+def _html_traits(traits: Mapping[str, Any]) -> str:
+    if not traits:
+        return ""
+    rows = "".join(f"<tr><th>{_h(n)}</th><td>{_html_value(v)}</td></tr>" for n, v in traits.items())
+    return f'<table class="fields"><tbody>{rows}</tbody></table>'
+
+
+def _html_diff_row(name: str, record: DiffRecord) -> str:
+    if name in record.changes:
+        old, new, style = (
+            _side(record.changes[name], "old"),
+            _side(record.changes[name], "new"),
+            "changed",
+        )
+    else:
+        old = new = record.traits[name]
+        style = "same"
+    return (
+        f'<tr class="{style}"><th>{_h(name)}</th>'
+        f'<td class="old">{_html_value(old)}</td><td class="new">{_html_value(new)}</td></tr>'
+    )
+
+
+def _html_changed_body(record: DiffRecord) -> str:
+    # Unchanged traits give context; change-only names (an id field, a removed trait) follow.
+    names = [*record.traits, *(n for n in record.changes if n not in record.traits)]
+    rows = "".join(_html_diff_row(name, record) for name in names)
+    head = "<thead><tr><th>Trait</th><th>Old</th><th>New</th></tr></thead>"
+    return f'<table class="fields diff">{head}<tbody>{rows}</tbody></table>'
+
+
+def _html_invalid_body(record: DiffRecord) -> str:
+    reason = f'<p class="reason">{_h(record.reason or "invalid")}</p>'
+    return reason + _html_traits(record.traits)
+
+
+def _html_gone_body(record: DiffRecord) -> str:
+    return '<p class="meta">Sent before, no longer in the source. The API cannot delete it.</p>'
+
+
+_HTML_BODY: Final[dict[str, Callable[[DiffRecord], str]]] = {
+    "new": lambda record: _html_traits(record.traits),
+    "changed": _html_changed_body,
+    "invalid": _html_invalid_body,
+    "gone": _html_gone_body,
+}
+
+
+def _html_card(record: DiffRecord) -> str:
+    return (
+        f'<article class="card {record.kind}"><header>'
+        f'<span class="badge {record.kind}">{record.kind}</span>'
+        f'<code class="key">{_h(record.key)}</code></header>'
+        f"{_HTML_BODY[record.kind](record)}</article>"
+    )
+
+
+def _html_stream(index: int, stream: DiffStream) -> str:
+    cards = "\n".join(_html_card(record) for record in stream.records)
+    if not stream.records:
+        cards = '<p class="empty">No records to show.</p>'
+    more = f'<p class="more">{_h(_more_note(stream))}</p>' if stream.truncated else ""
+    return (
+        f'<section id="s{index}"><header><h2>{_h(stream.stream)}</h2>'
+        f"<code>{_h(stream.event_type)}</code></header>"
+        f'<p class="counts">{_h(_count_phrase(_counts(stream), " · "))}</p>\n'
+        f"{cards}\n{more}</section>"
+    )
+
+
+def _render_html(report: DiffReport) -> str:
+    title = f"etl diff — {report.mode}"
+    sections = "\n".join(_html_stream(i, s) for i, s in enumerate(report.streams, 1))
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_h(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<main>
+<h1>What the next sync would send</h1>
+<p class="meta">etl diff · {_h(report.mode)} mode · dry run: nothing was sent</p>
+{_html_summary(report)}
+{sections}
+</main>
+</body>
+</html>
+"""
+
+
+_DIFF_RENDERERS: Final[dict[str, Callable[[DiffReport, bool], str]]] = {
+    "text": _render_text,
+    "json": lambda report, _color: _render_json(report),
+    "markdown": lambda report, _color: _render_markdown(report),
+    "html": lambda report, _color: _render_html(report),
+}
+
+
+def render_diff(
+    report: DiffReport, *, format: str, color: bool = False, redact: bool = False
+) -> str:
+    """The dry-run report in one of FORMATS, ending with a newline. `color` adds
+    ANSI colours to the text format; `redact` masks trait values (redact_value)."""
+    renderer = _DIFF_RENDERERS.get(format)
+    if renderer is None:
+        raise UsageError(f"unknown report format {format!r} — use one of {', '.join(FORMATS)}")
+    return renderer(_redact_report(report) if redact else report, color)
+
+
+# --- tables and run summaries ---------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return ", ".join(f"{_plain(str(k))}={_cell(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_cell(v) for v in value)
+    return _plain(str(value))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain aligned table for a terminal (`etl state show`, `etl runs`): header,
+    rule, one line per row; numeric columns right-aligned; None and missing as `-`.
+    No trailing newline."""
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    numeric = [
+        any(_is_number(row.get(c)) for row in rows)
+        and all(_is_number(row.get(c)) or row.get(c) is None for row in rows)
+        for c in columns
+    ]
+    widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        aligned = (
+            v.rjust(w) if right else v.ljust(w)
+            for v, w, right in zip(values, widths, numeric, strict=True)
+        )
+        return "  ".join(aligned).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(columns), rule, *(line(values) for values in cells)])
+
+
+_RUN_STATUS: Final = {
+    "ok": "ok",
+    "partial": "finished, some records were invalid or rejected",
+    "failed": "failed",
+}
+
+
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
+
+
+def _listed(title: str, count: int, records: Sequence[tuple[str, str]], marker: str) -> list[str]:
+    total = max(count, len(records))
+    if not total:
+        return []
+    lines = [f"    {title} ({total:,}):"]
+    lines += [
+        f"      {marker} {_plain(key)}  {_plain(why)}" for key, why in records[:RUN_LIST_LIMIT]
+    ]
+    shown = min(len(records), RUN_LIST_LIMIT)
+    if total > shown:
+        lines.append(f"      … and {total - shown:,} more")
+    return lines
+
+
+def _run_stream_lines(s: StreamReport) -> list[str]:
+    counts = ", ".join(f"{getattr(s, k):,} {k}" for k in ("new", "changed", "unchanged", "invalid"))
+    mode = ", full" if s.full else ""
+    batches = _plural(s.batches, "batch", "batches")
+    sent = f"sent {s.sent:,} in {batches}, {_plural(s.retries, 'retry', 'retries')}"
+    lines = [
+        f"  {_plain(s.stream)} ({s.event_type}{mode}): read {s.read:,}, {counts}, "
+        f"{s.rejected:,} rejected; {sent}; {s.seconds:.1f} s"
+    ]
+    if s.watermark:
+        lines.append(f"    watermark {_plain(s.watermark)}")
+    if s.gone:
+        lines.append(f"    {_plural(s.gone, 'record')} {GONE_NOTE}")
+    if s.null_cursor:
+        lines.append(
+            f"    {_plural(s.null_cursor, 'row')} with a NULL cursor"
+            " (only --full and backfill read them)"
+        )
+    lines += _listed("invalid", s.invalid, s.invalid_records, "!")
+    lines += _listed("rejected", s.rejected, s.rejected_records, "✗")
+    return lines
+
+
+def render_run_report(report: RunReport) -> str:
+    """A short human summary of a finished run: a status line, per-stream counts,
+    and the invalid and rejected records with reasons. No trailing newline."""
+    run = f", run {report.run_id}" if report.run_id is not None else ""
+    lines = [f"etl {report.command}{run}: {_RUN_STATUS.get(report.status, report.status)}"]
+    for stream in report.streams:
+        lines += _run_stream_lines(stream)
+    if report.error:
+        lines.append(f"error: {_plain(report.error)}")
+    return "\n".join(lines)

@@ -1,0 +1,379 @@
+"""Source row -> Record: coerce values to the API's types and decide validity.
+
+Pure: no connection, clock or logger. A row is the tuple extract selects:
+the key columns, the cursor (when the mapping has one), then one value per
+`Mapping.selected_fields`. Constants are filled in here.
+
+Every failure becomes an invalid Record with a reason; nothing here raises for
+bad data (SPEC §4: one bad row never stops a run).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import math
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from etl.model import MAX_EVENT_BYTES, REQUIRED_TRAITS, Field, Mapping, Record, TraitType
+
+# Namespace of every event_id (a fixed random UUID: ids must never change).
+EVENT_NAMESPACE = uuid.UUID("6f1c1a52-3c0e-4f43-9a43-1d2f6b7e0c11")
+# Doubles represent integers exactly only up to 2**53 (JavaScript's Number).
+MAX_SAFE_INTEGER = 2**53 - 1
+
+UTC = dt.UTC
+
+
+class Invalid(ValueError):
+    """A value that cannot become what the API accepts; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class EventContext:
+    """What every event of one stream shares; built once per run."""
+
+    event_type: str
+    api_key: str
+    workspace_key: str
+
+    def envelope_bytes(self) -> int:
+        """Bytes an event adds around its payload (ids, keys, constants)."""
+        empty = {"user_id": "", "account_id": "", "anonymous_id": "", "traits": {}}
+        return len(to_event(empty, event_id=str(EVENT_NAMESPACE), context=self)) - len(
+            canonical(empty)
+        )
+
+
+def canonical(payload: dict[str, Any]) -> bytes:
+    """The payload as canonical JSON: sorted keys, compact, UTF-8."""
+    return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+
+
+def event_id(*, workspace_key: str, event_type: str, key: str, payload_hash: str) -> str:
+    """SPEC §2: UUIDv5 over (workspace_key, event_type, record key, payload hash)."""
+    name = "\x1f".join((workspace_key, event_type, key, payload_hash))
+    return str(uuid.uuid5(EVENT_NAMESPACE, name))
+
+
+def to_event(payload: dict[str, Any], *, event_id: str, context: EventContext) -> bytes:
+    """The serialized event of SPEC §2 for one record's payload."""
+    event: dict[str, Any] = {
+        "event_id": event_id,
+        "anonymous_id": payload.get("anonymous_id", ""),
+        "user_id": payload["user_id"],
+        "account_id": payload["account_id"],
+        "api_key": context.api_key,
+        "workspace_key": context.workspace_key,
+        "src": "hyperengage",
+        "library": "http",
+        "event_type": context.event_type,
+        "traits": payload["traits"],
+        "screen_resolution": "0",
+    }
+    if "url" in payload:
+        event["url"] = payload["url"]
+    return orjson.dumps(event)
+
+
+# ---------------------------------------------------------------- coercion
+
+
+def _utc_text(value: dt.datetime, tz: dt.tzinfo) -> str:
+    aware = value if value.tzinfo is not None else value.replace(tzinfo=tz)
+    try:
+        utc = aware.astimezone(UTC)
+    except OverflowError as exc:
+        raise Invalid(f"datetime {value.isoformat()} is out of range in UTC") from exc
+    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    if utc.microsecond:
+        text += f".{utc.microsecond:06d}"
+    return text + "Z"
+
+
+def _parse_datetime_text(text: str) -> dt.datetime:
+    try:
+        # 3.11 reads "2021-01-20 09:55:35", "...T...Z", offsets and fractions.
+        return dt.datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise Invalid(f"{text[:40]!r} is not an ISO-8601 datetime") from exc
+
+
+def as_datetime(value: Any, tz: dt.tzinfo) -> str:
+    if isinstance(value, dt.datetime):
+        return _utc_text(value, tz)
+    if isinstance(value, dt.date):
+        return _utc_text(dt.datetime(value.year, value.month, value.day), tz)
+    if isinstance(value, str):
+        return _utc_text(_parse_datetime_text(value), tz)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # epoch seconds, as some apps store them
+        try:
+            return _utc_text(dt.datetime.fromtimestamp(float(_finite(value)), UTC), tz)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise Invalid(f"{value} is not a valid epoch timestamp") from exc
+    raise Invalid(f"{type(value).__name__} value cannot be a datetime")
+
+
+def as_date(value: Any, tz: dt.tzinfo) -> str:
+    if isinstance(value, dt.datetime):
+        return value.date().isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value.strip()[:10]).isoformat()
+        except ValueError as exc:
+            raise Invalid(f"{value[:40]!r} is not a YYYY-MM-DD date") from exc
+    raise Invalid(f"{type(value).__name__} value cannot be a date")
+
+
+def _finite(value: float | Decimal) -> float | Decimal:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Invalid(f"{value} is not a finite number")
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise Invalid(f"{value} is not a finite number")
+    return value
+
+
+def _safe_int(value: int) -> int:
+    if abs(value) > MAX_SAFE_INTEGER:
+        raise Invalid(f"{value} is beyond 2^53 and would lose precision — map it as type: text")
+    return value
+
+
+def as_number(value: Any, tz: dt.tzinfo) -> int | float:
+    if isinstance(value, bool):
+        raise Invalid("a boolean is not a number — use type: boolean")
+    if isinstance(value, int):
+        return _safe_int(value)
+    if isinstance(value, float):
+        return float(_finite(value))
+    if isinstance(value, Decimal):
+        _finite(value)
+        if value == value.to_integral_value():
+            return _safe_int(int(value))
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return as_number(Decimal(value.strip()), tz)
+        except InvalidOperation as exc:
+            raise Invalid(f"{value[:40]!r} is not a number") from exc
+    raise Invalid(f"{type(value).__name__} value cannot be a number")
+
+
+def as_integer(value: Any, tz: dt.tzinfo) -> int:
+    number = as_number(value, tz)
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise Invalid(f"{number} is not an integer")
+        return int(number)
+    return number
+
+
+_TRUE = {"true", "t", "yes", "y", "1", "on"}
+_FALSE = {"false", "f", "no", "n", "0", "off"}
+
+
+def as_boolean(value: Any, tz: dt.tzinfo) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | Decimal) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise Invalid(f"{str(value)[:40]!r} is not a boolean")
+
+
+def as_text(value: Any, tz: dt.tzinfo, encoding: str | None = None) -> str:
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        if encoding is None:
+            raise Invalid("binary value — map it with type: text and an encoding, e.g. utf-8")
+        try:
+            return _clean_text(bytes(value).decode(encoding))
+        except UnicodeDecodeError as exc:
+            raise Invalid(f"binary value is not valid {encoding}") from exc
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal):
+        return str(as_number(value, tz))
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, dt.datetime):
+        return _utc_text(value, tz)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    raise Invalid(f"{type(value).__name__} value cannot be text")
+
+
+def _clean_text(text: str) -> str:
+    if "\x00" in text:
+        raise Invalid("text contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # lone surrogates: what invalid UTF-8 read from SQLite becomes
+        raise Invalid("text is not valid UTF-8") from exc
+    return text
+
+
+def as_string_array(value: Any, tz: dt.tzinfo) -> list[str]:
+    items = value
+    if isinstance(value, str):
+        try:
+            items = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            raise Invalid(f"{value[:40]!r} is not a JSON array") from exc
+    if not isinstance(items, list | tuple):
+        raise Invalid(f"{type(items).__name__} value is not an array")
+    out: list[str] = []
+    for index, item in enumerate(items):
+        if item is None:
+            raise Invalid(f"array element {index} is null")
+        if isinstance(item, dict | list | tuple):
+            raise Invalid(f"array element {index} is nested — flatten it with sql:")
+        out.append(as_text(item, tz))
+    return out
+
+
+def infer(value: Any, tz: dt.tzinfo) -> Any:
+    """Coerce a value whose trait declares no type, by its Python type."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float | Decimal):
+        return as_number(value, tz)
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, dt.datetime):
+        return _utc_text(value, tz)
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, list | tuple):
+        return as_string_array(value, tz)
+    if isinstance(value, dict):
+        raise Invalid("nested object — flatten it with sql:, e.g. sql: \"data->>'plan'\"")
+    return as_text(value, tz)
+
+
+COERCE: dict[TraitType, Callable[[Any, dt.tzinfo], Any]] = {
+    "text": as_text,
+    "number": as_number,
+    "integer": as_integer,
+    "boolean": as_boolean,
+    "datetime": as_datetime,
+    "date": as_date,
+    "string_array": as_string_array,
+}
+
+
+def coerce(value: Any, field: Field, tz: dt.tzinfo) -> Any:
+    """One value as the API wants it, per the field's declared or inferred type."""
+    if field.type == "text" and field.encoding:
+        return as_text(value, tz, field.encoding)
+    if field.type is None:
+        return infer(value, tz)
+    return COERCE[field.type](value, tz)
+
+
+# ---------------------------------------------------------------- records
+
+
+def record_key(values: Sequence[Any]) -> str:
+    """The canonical text of a key: the value, or a JSON array for composite keys."""
+    if len(values) == 1:
+        return _key_part(values[0])
+    return orjson.dumps([_key_part(v) for v in values]).decode()
+
+
+def _key_part(value: Any) -> str:
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).hex()
+    return str(value)
+
+
+def make_transformer(mapping: Mapping, context: EventContext) -> Callable[[Sequence[Any]], Record]:
+    """`to_record` bound to one stream: its time zone and its payload size budget."""
+    return functools.partial(
+        to_record,
+        mapping=mapping,
+        tz=ZoneInfo(mapping.timezone),
+        max_payload_bytes=MAX_EVENT_BYTES - context.envelope_bytes(),
+    )
+
+
+def to_record(
+    row: Sequence[Any],
+    mapping: Mapping,
+    *,
+    tz: dt.tzinfo = UTC,
+    max_payload_bytes: int = MAX_EVENT_BYTES,
+) -> Record:
+    """One row as a Record: valid with its payload, or invalid with the reason."""
+    n_keys = len(mapping.key)
+    key_values = row[:n_keys]
+    key = record_key(key_values)
+    cursor = row[n_keys] if mapping.cursor else None
+    if any(v is None for v in key_values):
+        return Record(key=key, cursor=cursor, payload=None, reason="key column is NULL")
+    values = iter(row[n_keys + (1 if mapping.cursor else 0) :])
+    payload: dict[str, Any] = {"anonymous_id": ""}
+    traits: dict[str, Any] = {}
+    field = mapping.user_id
+    try:
+        for field in mapping.id_fields:
+            value = _field_value(_raw(field, values), field, tz)
+            if value is not None:
+                payload[field.name] = value
+        for field in mapping.traits:
+            value = _field_value(_raw(field, values), field, tz)
+            if value is not None or not field.omit_null:
+                traits[field.name] = value
+    except Invalid as exc:
+        return Record(key=key, cursor=cursor, payload=None, reason=f"{field.name}: {exc}")
+    payload["traits"] = traits
+    reason = _missing(payload, mapping)
+    if reason:
+        return Record(key=key, cursor=cursor, payload=None, reason=reason)
+    body = canonical(payload)
+    if len(body) > max_payload_bytes:
+        return Record(
+            key=key,
+            cursor=cursor,
+            payload=None,
+            reason=f"event is {len(body):,} bytes, over the 32 KB limit — drop or trim big traits",
+        )
+    return Record(key=key, cursor=cursor, payload=payload, canonical=body)
+
+
+def _raw(field: Field, values: Iterator[Any]) -> Any:
+    return field.value if field.kind == "const" else next(values)
+
+
+def _field_value(raw: Any, field: Field, tz: dt.tzinfo) -> Any:
+    if raw is None:
+        raw = field.default
+    if raw is None:
+        return None
+    if field.name in ("user_id", "account_id", "anonymous_id", "url") and field.type is None:
+        return as_text(raw, tz)
+    return coerce(raw, field, tz)
+
+
+def _missing(payload: dict[str, Any], mapping: Mapping) -> str | None:
+    for name in ("user_id", "account_id"):
+        if not payload.get(name):
+            return f"{name} is missing or empty"
+    for name in REQUIRED_TRAITS[mapping.event_type]:
+        value = payload["traits"].get(name)
+        if value is None or value == "":
+            return f"required trait {name!r} is missing or empty"
+    return None
