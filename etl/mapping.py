@@ -298,14 +298,17 @@ def _check_value(value: object, key: str, problems: _Problems) -> None:
 def _encoding(value: object, key: str, problems: _Problems) -> str | None:
     """The canonical name of a codec that decodes bytes to text, else None and a problem."""
     name = _text(value, key, problems, "a codec name")
+    if name is None:
+        return None
     try:
-        info = codecs.lookup(name) if name else None
+        info = codecs.lookup(name)
     except (LookupError, ValueError):
         info = None
     # bytes.decode() refuses codecs such as rot13 or base64 that do not make text.
-    if name and (info is None or not info._is_text_encoding):
+    if info is None or not info._is_text_encoding:
         problems.add(key, f"unknown text encoding {name!r}", "use a codec such as utf-8 or latin-1")
-    return info.name if info else None
+        return None
+    return info.name
 
 
 def _frozen(value: Any) -> Any:
@@ -424,7 +427,7 @@ def _key(value: object, problems: _Problems) -> tuple[str, ...] | None:
         problems.add("key", "is an empty list", "name at least one column")
         return None
     items = value if isinstance(value, list) else [value]
-    keys = [f"key.{index}" for index in range(len(items))] if items is value else ["key"]
+    keys = [f"key.{index}" for index in range(len(items))] if isinstance(value, list) else ["key"]
     names = [
         _text(item, at, problems, "a column name") for item, at in zip(items, keys, strict=True)
     ]
@@ -452,8 +455,9 @@ def _timezone(value: object, problems: _Problems) -> str | None:
     try:
         zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-        known = sorted(zoneinfo.available_timezones())
-        problems.add("timezone", f"unknown time zone {name!r}", _suggest(name, known, "use one of"))
+        close = difflib.get_close_matches(name, sorted(zoneinfo.available_timezones()), n=1)
+        fix = f"did you mean {close[0]!r}?" if close else "use an IANA name such as Europe/Berlin"
+        problems.add("timezone", f"unknown time zone {name!r}", fix)
         return None
     return name
 
@@ -524,9 +528,18 @@ def _build(data: dict[Any, Any], problems: _Problems) -> Mapping | None:
     }
     user_id, account_id = ids.get("user_id"), ids.get("account_id")
     traits = _traits(data["traits"], event_type, problems) if "traits" in data else ()
-    if problems.items or not (stream and event_type and source and key and user_id and account_id):
-        return None
-    if lookback is None or timezone is None:  # unreachable: both add a problem
+    # A None below always came with a problem; the checks narrow the types.
+    if (
+        problems.items
+        or stream is None
+        or event_type is None
+        or source is None
+        or key is None
+        or lookback is None
+        or timezone is None
+        or user_id is None
+        or account_id is None
+    ):
         return None
     mapping = Mapping(
         stream=stream,
@@ -546,27 +559,41 @@ def _build(data: dict[Any, Any], problems: _Problems) -> Mapping | None:
     return dataclasses.replace(mapping, fingerprint=mapping_fingerprint(mapping))
 
 
-def _read_yaml(text: str, problems: _Problems) -> dict[Any, Any] | None:
-    """The file's top-level mapping, else None; bad syntax and duplicate keys are problems."""
+def _load_yaml(text: str) -> tuple[Any, tuple[DuplicateKey, ...]]:
+    """The document in `text` and its duplicate keys (which do not stop loading)."""
     loader = MappingLoader(text)
     loader.reject_duplicates = False
     try:
-        data = loader.get_single_data()
+        return loader.get_single_data(), loader.duplicate_keys
+    finally:
+        loader.dispose()
+
+
+def _read_yaml(text: str, problems: _Problems) -> dict[Any, Any] | None:
+    """The file's top-level mapping, else None; bad syntax and duplicate keys are problems."""
+    try:
+        data, duplicates = _load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
         problems.add(
             where,
-            exc.problem or exc.context or "invalid YAML",
+            ", ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML",
             "fix the YAML there (check indentation; quote values containing ': ' or ' #')",
         )
         return None
-    except (yaml.YAMLError, ValueError) as exc:  # control characters, `!!float abc`
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        problems.add(
+            f"line {line}",
+            f"character {chr(exc.character)!r} is not allowed in YAML",
+            "remove it, or write it as an escape such as \\t inside double quotes",
+        )
+        return None
+    except (yaml.YAMLError, ValueError) as exc:  # e.g. an explicit `!!float abc`
         problems.add("(yaml)", str(exc), "fix the YAML")
         return None
-    finally:
-        loader.dispose()
-    for dup in loader.duplicate_keys:
+    for dup in duplicates:
         problems.add(
             ".".join((*dup.path, dup.key)),
             f"duplicate key {dup.key!r} on lines {dup.first_line} and {dup.second_line}",

@@ -544,7 +544,7 @@ def test_deliver_reads_ahead_at_most_one_batch_beyond_those_in_flight() -> None:
     """While 2 slow batches are in flight, only the next batch has been read from the source."""
     pulled: list[int] = []
     pulled_while_blocked: list[int] = []
-    never = threading.Event()
+    looked = threading.Event()
 
     def source() -> Iterator[Outgoing]:
         for n in range(12):
@@ -552,14 +552,19 @@ def test_deliver_reads_ahead_at_most_one_batch_beyond_those_in_flight() -> None:
             yield event(n)
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if numbers(request)[0] < 4:
-            never.wait(timeout=0.2)  # a slow server; the source would be drained by now
+        first = numbers(request)[0]
+        if first == 0:
+            # Without back-pressure the source would be drained within this pause.
+            threading.Event().wait(timeout=0.2)
             pulled_while_blocked.append(len(pulled))
+            looked.set()
+        elif first == 2:
+            assert looked.wait(timeout=5)  # batch 1 stays in flight until batch 0 looked
         return httpx.Response(200, json=OK)
 
     run = run_deliver(handler, source(), batch_size=2, concurrency=2)
 
-    assert max(pulled_while_blocked) <= 3 * 2  # two batches in flight plus one read
+    assert pulled_while_blocked == [3 * 2]  # two batches in flight plus the one read next
     assert run.stats is not None
     assert run.stats.sent == 12
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ account_id: id
 traits: {name: name}
 """
 # `file: key: problem — fix`, the one shape every message has (STYLE habit 7).
-MESSAGE = re.compile(r"^\S+: \S[^:]*: .+ — .+$")
+MESSAGE = re.compile(r"^[^:]+: [^:]+: .+ — .+$")
 
 
 def edited(text: str, old: str, new: str) -> str:
@@ -92,7 +93,11 @@ def test_example_mappings_load() -> None:
         "source_system": ("const", "demo", None, None),
     }
     assert users.event_type == "user_identify"
-    assert (users.key, users.cursor, users.account_id.value) == (("id",), "updated_at", "workspace_id")
+    assert (users.key, users.cursor, users.account_id.value) == (
+        ("id",),
+        "updated_at",
+        "workspace_id",
+    )
     assert [f.name for f in users.traits] == [
         "email",
         "name",
@@ -232,7 +237,30 @@ def test_loader_alone_rejects_duplicate_keys() -> None:
 def test_syntax_error_gives_line_and_column() -> None:
     """A YAML syntax error is one problem that says where it is."""
     (problem,) = problems_of("event_type: user_identify\ntraits: [email\n")
-    assert problem.startswith(f"{PATH}: line 3, column 1: expected ',' or ']'")
+    assert problem.startswith(
+        f"{PATH}: line 3, column 1: while parsing a flow sequence, expected ',' or ']'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("a: b\nc: \x07\n", "line 2: character '\\x07' is not allowed in YAML"),
+        ("? [a]\n: 1\n", "line 1, column 3: while constructing a mapping, found unhashable key"),
+        ("a: *nowhere\n", "line 1, column 4: found undefined alias 'nowhere'"),
+        ("a: !!python/object:os.system x\n", "line 1, column 4: could not determine a constructor"),
+        ("a: !!int 0b101\n", "line 1, column 4: not an integer: '0b101'"),
+        ("a: !!float abc\n", "(yaml): could not convert string to float: 'abc'"),
+        (
+            "a: 1\n---\nb: 2\n",
+            "line 2, column 1: expected a single document in the stream, but found",
+        ),
+    ],
+)
+def test_unusable_yaml_is_one_located_problem(text: str, problem: str) -> None:
+    """Control characters, bad keys, aliases and tags are reported, never raised raw."""
+    (reported,) = problems_of(text)
+    assert reported.startswith(f"{PATH}: {problem}"), reported
 
 
 @pytest.mark.parametrize(
@@ -270,7 +298,8 @@ def test_field_with_two_sources_is_one_problem() -> None:
     """A field with both column and sql says to keep exactly one of column, sql, const."""
     text = edited(USERS, "  email: email", "  email: {column: email, sql: lower(email)}")
     assert problems_of(text) == [
-        f"{PATH}: traits.email: has both 'column' and 'sql' — keep exactly one of column, sql, const"
+        f"{PATH}: traits.email: has both 'column' and 'sql'"
+        " — keep exactly one of column, sql, const"
     ]
 
 
@@ -284,7 +313,7 @@ def test_field_with_two_sources_is_one_problem() -> None:
         ("{const: .inf}", "traits.email.const: is inf"),
         ("{column: e, default: [1, 2]}", "traits.email.default: has list items that are not text"),
         ("{column: e, type: datetim}", "traits.email.type: unknown value 'datetim' — did you mean"),
-        ("{column: e, type: json}", "traits.email.type: unknown value 'json' — use one of text"),
+        ("{column: e, type: json}", "traits.email.type: unknown value 'json' — use one of: text"),
         ("{column: e, omit_null: no}", "traits.email.omit_null: must be true or false, got 'no'"),
         ("{column: e, encoding: utf-8}", "traits.email.encoding: only applies to type: text"),
         ("{column: e, type: text, encoding: utf-9}", "unknown text encoding 'utf-9'"),
@@ -346,10 +375,13 @@ def test_bad_sources(source: str, problem: str) -> None:
 
 def test_query_may_start_with_comments_and_loses_its_trailing_semicolon() -> None:
     """A WITH query after comments and a parenthesis is accepted; a trailing `;` is dropped."""
-    query = "-- active users\n/* v2 */ (WITH a AS (SELECT 1) SELECT * FROM a);\n"
-    text = edited(USERS, "source: {table: users}", f"source:\n  query: |\n    {query}")
+    query = "-- active users\n/* v2 */ (WITH a AS (SELECT 1) SELECT * FROM a);"
+    block = query.replace("\n", "\n    ")
+    text = edited(USERS, "source: {table: users}", f"source:\n  query: |\n    {block}\n")
     mapping = parse_mapping(text, path=PATH)
-    assert mapping.source.query == "-- active users\n/* v2 */ (WITH a AS (SELECT 1) SELECT * FROM a)"
+    assert (
+        mapping.source.query == "-- active users\n/* v2 */ (WITH a AS (SELECT 1) SELECT * FROM a)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -376,12 +408,11 @@ def test_query_may_start_with_comments_and_loses_its_trailing_semicolon() -> Non
     ],
 )
 def test_bad_top_level_values(key: str, value: str, problem: str) -> None:
-    """Each bad top-level value is reported with a fix; the rest of the file still checks out."""
-    text = USERS + f"{key}: {value}\n"
-    if key in ("key", "user_id", "event_type", "traits"):
-        text = re.sub(rf"^{key}:.*\n(?:  .*\n)*", "", USERS, flags=re.MULTILINE) + f"{key}: {value}\n"
+    """Each bad top-level value is reported first, at its key, with a fix."""
+    # Drop the key (and its indented lines) from USERS, then set it to `value`.
+    text = re.sub(rf"^{key}:.*\n(?:  .*\n)*", "", USERS, flags=re.MULTILINE) + f"{key}: {value}\n"
     found = problems_of(text)
-    assert any(f"{PATH}: {problem}" in p for p in found), found
+    assert found[0].startswith(f"{PATH}: {problem}"), found
 
 
 def test_file_name_must_make_a_valid_stream_name() -> None:
@@ -411,10 +442,13 @@ def test_lookback_numbers_are_seconds(seconds: float) -> None:
 @given(st.text() | st.floats() | st.integers() | st.booleans() | st.none() | st.lists(st.text()))
 def test_lookback_is_seconds_or_a_clear_error(value: object) -> None:
     """Any value parses to finite non-negative seconds or raises ValueError naming it."""
+    seconds, reason = None, ""
     try:
         seconds = parse_lookback(value)
     except ValueError as exc:
-        assert "duration" in str(exc)
+        reason = str(exc)
+    if seconds is None:
+        assert "is not a duration" in reason
     else:
         assert math.isfinite(seconds)
         assert seconds >= 0
@@ -440,7 +474,7 @@ traits:
 
 
 def test_fingerprint_ignores_formatting_comments_order_and_path() -> None:
-    """Quoting, flow or block style, comments, key order and the path leave the fingerprint alone."""
+    """Quoting, flow or block style, comments, key order and path leave the fingerprint alone."""
     original = parse_mapping(USERS, path=PATH)
     reformatted = parse_mapping(REFORMATTED, path="elsewhere/users.yml")
     assert reformatted.fingerprint == original.fingerprint
@@ -489,7 +523,8 @@ def test_problems_of_several_files_are_reported_together(tmp_path: Path) -> None
         f"{tmp_path}/a.yml: key: is an empty list",
         f"{tmp_path}/b.yaml: lookback: 'soon' is not a duration",
         f"{tmp_path}/b.yaml: timezone: unknown time zone 'Mars/Base'",
-        f"{tmp_path}/c.yml: line 2, column 1: expected the node content, but found '<stream end>'",
+        f"{tmp_path}/c.yml: line 2, column 1: while parsing a flow node,"
+        " expected the node content, but found '<stream end>'",
     ]
     assert str(caught.value) == "\n".join(caught.value.problems)
 
@@ -539,7 +574,7 @@ def test_unknown_stream_in_filter_lists_the_known_ones(tmp_path: Path) -> None:
 
 
 def test_filter_knows_the_stream_of_a_broken_file(tmp_path: Path) -> None:
-    """Asking for a stream whose file is broken reports the file's problem, not an unknown stream."""
+    """Asking for a stream whose file is broken reports that file's problem, no unknown stream."""
     write(tmp_path, "users.yml", USERS + "lookback: soon\n")
     with pytest.raises(MappingError) as caught:
         load_mappings(tmp_path, streams=["users"])
@@ -565,7 +600,9 @@ def test_only_visible_yaml_files_are_read(tmp_path: Path) -> None:
         (lambda tmp: tmp, "no mapping files (*.yml, *.yaml)"),
     ],
 )
-def test_directory_problems_say_how_to_point_elsewhere(tmp_path: Path, make, problem: str) -> None:  # type: ignore[no-untyped-def]
+def test_directory_problems_say_how_to_point_elsewhere(
+    tmp_path: Path, make: Callable[[Path], Path], problem: str
+) -> None:
     """A missing path, a file or an empty directory says to use --mappings DIR or ETL_MAPPINGS."""
     directory = make(tmp_path)
     with pytest.raises(MappingError) as caught:
@@ -582,5 +619,6 @@ def test_unreadable_file_is_a_problem(tmp_path: Path) -> None:
     with pytest.raises(MappingError) as caught:
         load_mappings(tmp_path)
     assert caught.value.problems == [
-        f"{tmp_path}/users.yml: byte {len(USERS) + 12}: not UTF-8 text — save the file as UTF-8"
+        f"{tmp_path}/users.yml: byte {len(USERS) + len('  bad: caf')}: not UTF-8 text"
+        " — save the file as UTF-8"
     ]

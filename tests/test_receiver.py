@@ -301,7 +301,7 @@ def test_drawn_429_carries_retry_after(faulty: StartFaulty, client: httpx.Client
 
 
 def test_same_seed_repeats_the_same_outcomes(faulty: StartFaulty, client: httpx.Client) -> None:
-    """Two receivers with the same seed answer a series of requests identically; another seed differs."""
+    """Receivers with one seed answer a series of requests identically; another seed differs."""
     probabilities = {"500": 0.3, "503": 0.2, "drop": 0.1}
     runs = []
     for seed in (42, 42, 43):
