@@ -42,19 +42,25 @@ def source_from(conn: Connection, mapping: Mapping) -> sa.FromClause:
     if src.query is None:
         raise ValueError(f"{mapping.path}: source has neither table nor query")
     names = query_columns(conn, src.query)
-    text = sa.text(src.query).columns(*(sa.column(c) for c in names))
+    text = raw_sql(src.query).columns(*(sa.column(c) for c in names))
     return text.subquery("src")
 
 
 def query_columns(conn: Connection, query: str) -> list[str]:
     """The column names a `query:` source returns (it runs with no rows)."""
     probe: sa.Select[Any] = sa.select(sa.literal_column("*")).select_from(
-        sa.text(query).columns().subquery("src")
+        raw_sql(query).columns().subquery("src")
     )
     result = conn.execute(probe.where(sa.false()))
     names = list(result.keys())
     result.close()
     return names
+
+
+def raw_sql(sql: str) -> sa.TextClause:
+    """The user's SQL as written: `:name` is not a bind parameter here, and a
+    trailing `-- comment` cannot swallow the `)` that wraps it."""
+    return sa.text(sql.replace(":", "\\:") + "\n")
 
 
 def _columns_used(mapping: Mapping) -> set[str]:
@@ -89,12 +95,14 @@ def build_query(
         selected.append(cursor.label("cur"))
     for i, field in enumerate(mapping.selected_fields):
         expr = (
-            src.c[field.value] if field.kind == "column" else sa.literal_column(f"({field.value})")
+            src.c[field.value]
+            if field.kind == "column"
+            else sa.literal_column(f"({field.value}\n)")
         )
         selected.append(expr.label(f"f{i}"))
     query = sa.select(*selected).select_from(src)
     if mapping.source.where:
-        query = query.where(sa.text(f"({mapping.source.where})"))
+        query = query.where(raw_sql(f"({mapping.source.where}\n)"))
     position = [*keys] if order == "key" else [cursor, *keys]
     if order == "cursor":
         if cursor is None:
@@ -358,7 +366,7 @@ def count_null_cursors(conn: Connection, mapping: Mapping, src: sa.FromClause) -
         return 0
     query = sa.select(sa.func.count()).select_from(src).where(src.c[mapping.cursor].is_(None))
     if mapping.source.where:
-        query = query.where(sa.text(f"({mapping.source.where})"))
+        query = query.where(raw_sql(f"({mapping.source.where}\n)"))
     return int(_execute(conn, mapping, query).scalar_one())
 
 
@@ -373,7 +381,7 @@ def estimate_rows(conn: Connection, mapping: Mapping, src: sa.FromClause) -> int
             return int(estimate)
     query = sa.select(sa.func.count()).select_from(src)
     if mapping.source.where:
-        query = query.where(sa.text(f"({mapping.source.where})"))
+        query = query.where(raw_sql(f"({mapping.source.where}\n)"))
     return int(_execute(conn, mapping, query).scalar_one())
 
 
@@ -453,13 +461,15 @@ def _check_one(conn: Connection, mapping: Mapping) -> list[str]:
             mapping.source.where,
             sa.select(sa.literal(1))
             .select_from(src)
-            .where(sa.text(f"({mapping.source.where})"))
+            .where(raw_sql(f"({mapping.source.where}\n)"))
             .limit(0),
         )
     for field in mapping.selected_fields:
         if field.kind == "sql":
             key = f"traits.{field.name}" if field in mapping.traits else field.name
-            query: sa.Select[Any] = sa.select(sa.literal_column(f"({field.value})")).select_from(src).limit(0)
+            query: sa.Select[Any] = (
+                sa.select(sa.literal_column(f"({field.value}\n)")).select_from(src).limit(0)
+            )
             problems += _try(conn, mapping, f"{key}.sql", field.value, query)
     return problems
 

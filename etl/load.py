@@ -221,7 +221,7 @@ class _Totals:
 class _Failure:
     """Why one attempt got no usable answer; `label` is already redacted."""
 
-    label: str  # "HTTP 503" or "ConnectError: ...", for messages
+    label: str  # "HTTP 503 Service Unavailable: ..." or "ConnectError: ...", for messages
     status: int | None = None
     error: str | None = None  # the exception's class name
     retriable: bool = True
@@ -357,7 +357,7 @@ class _Sender:
         status = response.status_code
         if status in RETRIABLE_STATUSES:
             wait_at_least = _retry_after(response.headers.get("retry-after"))
-            return _Failure(f"HTTP {status}", status=status, retry_after=wait_at_least)
+            return _Failure(self._words(response), status=status, retry_after=wait_at_least)
         return response
 
     def _failure(self, exc: httpx.HTTPError, *, retriable: bool) -> _Failure:
@@ -373,6 +373,7 @@ class _Sender:
         return self._rng.uniform(0, ceiling)
 
     def _exhausted(self, attempts: int, elapsed: float, last: _Failure) -> str:
+        """The message for a request that ran out of attempts or time."""
         waited = f" (Retry-After {last.retry_after:g} s)" if last.retry_after else ""
         return (
             f"POST {self._url} gave up after {attempts} attempt(s) in {elapsed:.1f} s;"
@@ -407,6 +408,7 @@ class _Sender:
         return self._redact(f"{text}: {said}" if said else text)[:MESSAGE_LIMIT]
 
     def _redact(self, text: str) -> str:
+        """`text` with every spelling of the token replaced by ***."""
         for spelling in self._secrets:
             text = text.replace(spelling, "***")
         return text

@@ -807,7 +807,7 @@ def http_server(script: list[str]) -> Iterator[tuple[str, list[Seen]]]:
             """Quiet: the test asserts on `seen`, not on stderr."""
 
     server = _Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/api/v1/s2s/event", seen
