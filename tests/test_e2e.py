@@ -191,10 +191,7 @@ def test_diff_shows_what_sync_then_sends(
     assert dry.exit_code == 0, dry.stderr
     report = json.loads(dry.stdout)
     listed = {
-        r["key"]
-        for s in report["streams"]
-        for r in s["records"]
-        if r["kind"] in ("new", "changed")
+        r["key"] for s in report["streams"] for r in s["records"] if r["kind"] in ("new", "changed")
     }
     records = next(s for s in report["streams"] if s["stream"] == "users")["records"]
     # one update statement stamps both rows alike, so they come in key order

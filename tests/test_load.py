@@ -3,6 +3,7 @@ rate limiting, endpoint checks, and a token that never leaks (SPEC §6)."""
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import itertools
 import math
@@ -56,8 +57,13 @@ def refs(result: BatchResult) -> list[int]:
 
 
 def make_config(**overrides: Any) -> DeliveryConfig:
-    settings_ = {"endpoint": ENDPOINT, "token": Secret(TOKEN), "concurrency": 1} | overrides
-    return DeliveryConfig(**settings_)
+    base = DeliveryConfig(endpoint=ENDPOINT, token=Secret(TOKEN), concurrency=1)
+    return dataclasses.replace(base, **overrides)
+
+
+def never_called(result: BatchResult) -> None:
+    """An on_result for runs that must report nothing."""
+    pytest.fail(f"on_result got {result}")
 
 
 class FakeTime:
@@ -626,7 +632,7 @@ def test_a_fatal_answer_stops_other_workers_before_their_next_attempt() -> None:
         make_client(config, transport=httpx.MockTransport(handler)) as client,
         pytest.raises(FatalApiError, match="HTTP 401"),
     ):
-        deliver(events(2), config=config, on_result=pytest.fail, client=client, sleep=slow_sleep)
+        deliver(events(2), config=config, on_result=never_called, client=client, sleep=slow_sleep)
 
     assert attempts.count(1) == 1
     assert attempts.count(0) <= 2
@@ -859,7 +865,7 @@ def test_real_http_connection_refused_gives_up_without_leaking_the_token() -> No
         deliver(
             events(1),
             config=config,
-            on_result=pytest.fail,
+            on_result=never_called,
             client=client,
             sleep=fake.sleep,
             clock=fake.clock,

@@ -57,9 +57,7 @@ def test_every_exit_code_is_documented() -> None:
 
 
 KEYS = (
-    [*mapping._TOP_KEYS]
-    + [f"source.{k}" for k in mapping._SOURCE_KEYS]
-    + list(mapping._FIELD_KEYS)
+    [*mapping._TOP_KEYS] + [f"source.{k}" for k in mapping._SOURCE_KEYS] + list(mapping._FIELD_KEYS)
 )
 
 
