@@ -184,16 +184,21 @@ def _first_line(error: BaseException | None) -> str:
 
 
 @contextlib.contextmanager
-def read_only(conn: Connection, *, snapshot: bool = True) -> Iterator[Connection]:
+def read_only(
+    conn: Connection, *, snapshot: bool = True, timezone: str = "UTC"
+) -> Iterator[Connection]:
     """A read-only transaction; with `snapshot`, one consistent view for all pages.
 
-    Session time zone is UTC, so timestamptz values and NOW() come back in UTC.
+    PostgreSQL's session zone is the mapping's, so a `timestamp` column compares
+    with an aware bound in that zone. MySQL/MariaDB sessions are in UTC, so
+    TIMESTAMP columns and NOW() come back in UTC.
     """
     dialect = conn.dialect.name
     if dialect == "postgresql":
         level = "REPEATABLE READ" if snapshot else "READ COMMITTED"
         conn.exec_driver_sql(f"SET TRANSACTION ISOLATION LEVEL {level} READ ONLY")
-        conn.exec_driver_sql("SET LOCAL TIME ZONE 'UTC'")
+        # zone names were validated by ZoneInfo and cannot contain quotes
+        conn.exec_driver_sql(f"SET LOCAL TIME ZONE '{timezone}'")
     elif dialect in ("mysql", "mariadb"):
         conn.exec_driver_sql("SET SESSION time_zone = '+00:00'")
         conn.commit()
@@ -320,25 +325,38 @@ def _mysql_horizon(conn: Connection, max_age: dt.timedelta) -> Horizon:
     return Horizon(value=value, clock=clock, held_by_transaction=oldest, notes=tuple(notes))
 
 
-def lower_bound(conn: Connection, mapping: Mapping, watermark: Watermark) -> Any:
+def lower_bound(
+    conn: Connection, mapping: Mapping, watermark: Watermark, *, now: dt.datetime | None = None
+) -> Any:
     """`watermark - lookback`, as a value the database compares with the cursor.
 
     PostgreSQL gets an aware timestamp: timestamptz compares exactly, and a
-    `timestamp` column is read in the session zone, set to the mapping's.
-    MySQL/MariaDB get a naive value in the mapping's zone; SQLite gets text in
-    the format SQLAlchemy and most apps write (`YYYY-MM-DD HH:MM:SS.ffffff`).
+    `timestamp` column is read in the session zone, which `read_only` set to
+    the mapping's. MySQL/MariaDB get a naive value in the mapping's zone;
+    SQLite gets text (see `sqlite_text`).
+
+    When clocks went back between the bound and `now` (a DST fall-back), local
+    times after the bound repeat an hour below it; the bound moves down by
+    that much so naive local timestamps in the repeated hour are not skipped.
     """
     if isinstance(watermark, int):
         return watermark - int(mapping.lookback_seconds)
+    zone = ZoneInfo(mapping.timezone)
     value = watermark - dt.timedelta(seconds=mapping.lookback_seconds)
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        conn.exec_driver_sql(f"SET LOCAL TIME ZONE '{_zone(mapping)}'")
+    value -= fall_back(value, now or value, zone)
+    if conn.dialect.name == "postgresql":
         return value
-    local = value.astimezone(ZoneInfo(mapping.timezone)).replace(tzinfo=None)
-    if dialect == "sqlite":
+    local = value.astimezone(zone).replace(tzinfo=None)
+    if conn.dialect.name == "sqlite":
         return sqlite_text(local)
     return local
+
+
+def fall_back(start: dt.datetime, end: dt.datetime, zone: dt.tzinfo) -> dt.timedelta:
+    """How far `zone`'s clocks went back between two instants (zero if they did not)."""
+    before = start.astimezone(zone).utcoffset() or dt.timedelta(0)
+    after = end.astimezone(zone).utcoffset() or dt.timedelta(0)
+    return max(dt.timedelta(0), before - after)
 
 
 def sqlite_text(value: dt.datetime) -> str:
@@ -353,11 +371,6 @@ def sqlite_text(value: dt.datetime) -> str:
     if value.microsecond:
         text += f".{value.microsecond:06d}".rstrip("0")
     return text
-
-
-def _zone(mapping: Mapping) -> str:
-    # mapping.py validated it with ZoneInfo; quotes cannot occur in zone names.
-    return mapping.timezone.replace("'", "")
 
 
 def count_null_cursors(conn: Connection, mapping: Mapping, src: sa.FromClause) -> int:

@@ -159,7 +159,8 @@ def run_stream(
     started = time.monotonic()
     bound = log.bind(stream=mapping.stream)
     previous = io.state.stream(mapping.stream)
-    full = options.mode != "incremental" or _needs_full(mapping, previous, bound)
+    plan = _plan(mapping, previous, options, bound)
+    full = plan.order == "key" or plan.since is None
     checkpoint = (
         previous.checkpoint
         if options.mode == "backfill" and previous and not options.restart
@@ -168,7 +169,10 @@ def run_stream(
     if checkpoint:
         bound.info("backfill.resume", after=checkpoint)
     tally = _Tally()
-    with io.source.connect() as conn, extract.read_only(conn, snapshot=options.mode != "backfill"):
+    with (
+        io.source.connect() as conn,
+        extract.read_only(conn, snapshot=options.mode != "backfill", timezone=mapping.timezone),
+    ):
         src = _source_from(conn, mapping)
         horizon = extract.safe_horizon(
             conn, mapping, src, max_transaction_age=options.max_transaction_age
@@ -181,15 +185,15 @@ def run_stream(
             conn,
             mapping,
             src,
-            full=full,
-            previous=previous,
+            plan=plan,
+            now=horizon.clock,
             after=checkpoint,
             options=options,
             state=io.state,
         )
         flow = _Flow(mapping=mapping, options=options, io=io, tally=tally, total=total)
         if options.dry_run:
-            flow.dry_run(pages, full=full)
+            flow.dry_run(pages, list_gone=options.mode == "full")
             stats = None
         else:
             stats = flow.deliver(pages)
@@ -240,6 +244,7 @@ def run_stream(
     diff = None
     if options.dry_run:
         counts = {k: v for k, v in report.counts().items() if k not in ("rejected", "sent")}
+        counts["null_cursor"] = null_cursor or 0
         diff = DiffStream(
             stream=mapping.stream,
             event_type=mapping.event_type,
@@ -250,14 +255,31 @@ def run_stream(
     return report, diff
 
 
-def _needs_full(mapping: Mapping, previous: Any, bound: Any) -> bool:
-    if mapping.cursor is None or previous is None or previous.watermark is None:
-        return True
+@dataclass(frozen=True)
+class _Plan:
+    """How a stream is read this time.
+
+    `order="key"`: every row, NULL cursors included (`--full`, `backfill`, a
+    mapping without a cursor). `order="cursor"`: rows whose cursor is at or
+    above `since - lookback`; with `since=None` every row that has a cursor
+    (the first run, or the mapping changed) — incremental sync never sees NULL
+    cursors (SPEC §5).
+    """
+
+    order: extract.Order
+    since: extract.Watermark | None
+
+
+def _plan(mapping: Mapping, previous: Any, options: RunOptions, bound: Any) -> _Plan:
+    if options.mode != "incremental" or mapping.cursor is None:
+        return _Plan(order="key", since=None)
+    if previous is None or previous.watermark is None:
+        return _Plan(order="cursor", since=None)
     if previous.fingerprint and previous.fingerprint != mapping.fingerprint:
         # SPEC §5: old rows must be re-mapped with the new definition.
         bound.info("stream.mapping_changed", action="full diff")
-        return True
-    return False
+        return _Plan(order="cursor", since=None)
+    return _Plan(order="cursor", since=previous.watermark)
 
 
 def _source_from(conn: Connection, mapping: Mapping) -> Any:
@@ -277,28 +299,29 @@ def _pages(
     mapping: Mapping,
     src: Any,
     *,
-    full: bool,
-    previous: Any,
+    plan: _Plan,
+    now: dt.datetime | None,
     after: Sequence[Any] | None,
     options: RunOptions,
     state: StateStore,
 ) -> Iterator[list[tuple[Any, ...]]]:
     """Rows to consider: earlier rejects first (re-read by key), then the pages."""
-    if not full:
-        keys = [orjson.loads(r["key_values"]) for r in state.rejected(mapping.stream)]
-        for start in range(0, len(keys), options.page_size):
-            rows = extract.read_keys(conn, mapping, src, keys[start : start + options.page_size])
-            if rows:
-                yield rows
-    if full:
+    if plan.order == "key":
         yield from extract.read_pages(
             conn, mapping, src, order="key", after=after, page_size=options.page_size
         )
-    else:
-        lower = extract.lower_bound(conn, mapping, previous.watermark)
-        yield from extract.read_pages(
-            conn, mapping, src, order="cursor", lower=lower, page_size=options.page_size
-        )
+        return
+    keys = [orjson.loads(r["key_values"]) for r in state.rejected(mapping.stream)]
+    for start in range(0, len(keys), options.page_size):
+        rows = extract.read_keys(conn, mapping, src, keys[start : start + options.page_size])
+        if rows:
+            yield rows
+    lower = (
+        extract.lower_bound(conn, mapping, plan.since, now=now) if plan.since is not None else None
+    )
+    yield from extract.read_pages(
+        conn, mapping, src, order="cursor", lower=lower, page_size=options.page_size
+    )
 
 
 @dataclass
@@ -444,10 +467,10 @@ class _Flow:
 
     # ------------------------------------------------------------ dry run
 
-    def dry_run(self, pages: Iterator[list[tuple[Any, ...]]], *, full: bool) -> None:
+    def dry_run(self, pages: Iterator[list[tuple[Any, ...]]], *, list_gone: bool) -> None:
         limit = self.options.diff_limit
         tally = self.tally
-        seen_keys: set[str] | None = set() if full else None
+        seen_keys: set[str] | None = set() if list_gone else None
         for change, _ in self.changes(pages, with_payload=True):
             if seen_keys is not None:
                 seen_keys.add(change.record.key)

@@ -21,7 +21,7 @@ from etl.model import DiffRecord, DiffReport, DiffStream, RunReport, StreamRepor
 
 FORMATS: Final = ("text", "json", "markdown", "html")
 SCHEMA_VERSION: Final = 1
-COUNT_KEYS: Final = ("read", "new", "changed", "unchanged", "invalid", "gone")
+COUNT_KEYS: Final = ("read", "new", "changed", "unchanged", "invalid", "gone", "null_cursor")
 KINDS: Final = ("new", "changed", "invalid", "gone")
 # Summaries lead with what would be sent, then the rest; `read` closes the line.
 _SUMMARY_KEYS: Final = ("new", "changed", "invalid", "unchanged", "gone")
@@ -165,7 +165,11 @@ def _total_counts(report: DiffReport) -> dict[str, int]:
 def _count_phrase(counts: Mapping[str, int], sep: str = ", ") -> str:
     """`4 new, 2 changed, 1 invalid, 1,210 unchanged, 0 gone — read 1,217`."""
     parts = sep.join(f"{counts[name]:,} {name}" for name in _SUMMARY_KEYS)
-    return f"{parts} — read {counts['read']:,}"
+    nulls = counts.get("null_cursor", 0)
+    note = (
+        f" ({nulls:,} rows with a NULL cursor: only --full and backfill send them)" if nulls else ""
+    )
+    return f"{parts} — read {counts['read']:,}{note}"
 
 
 def _more_note(stream: DiffStream) -> str:

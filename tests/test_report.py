@@ -175,6 +175,7 @@ def test_json_round_trips_with_the_stable_schema(report: DiffReport) -> None:
         "unchanged": 1210,
         "invalid": 1,
         "gone": 1,
+        "null_cursor": 0,
     }
     assert users["truncated"] == 3
     assert [r["kind"] for r in users["records"]] == ["new", "changed", "invalid", "gone"]
@@ -193,7 +194,15 @@ def test_json_key_order_is_stable(report: DiffReport) -> None:
     assert list(data) == ["schema_version", "mode", "streams"]
     stream = data["streams"][0]
     assert list(stream) == ["stream", "event_type", "counts", "records", "truncated"]
-    assert list(stream["counts"]) == ["read", "new", "changed", "unchanged", "invalid", "gone"]
+    assert list(stream["counts"]) == [
+        "read",
+        "new",
+        "changed",
+        "unchanged",
+        "invalid",
+        "gone",
+        "null_cursor",
+    ]
     assert list(stream["records"][1]) == ["key", "kind", "traits", "changes", "reason"]
     assert list(stream["records"][1]["changes"]["seats"]) == ["old", "new"]
 
