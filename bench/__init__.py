@@ -1,0 +1,1 @@
+"""`make bench`: the performance benchmark of SPEC §8 (see bench/run.py for how to run it)."""
