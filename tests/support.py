@@ -108,7 +108,7 @@ def copy_mappings(target: Path, *, dialect: str = "sqlite") -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for path in (REPO / "mappings").glob("*.yml"):
         shutil.copy(path, target / path.name)
-    if dialect == "mariadb":
+    if dialect in ("mysql", "mariadb"):
         for path in target.glob("*.yml"):
             text = path.read_text()
             text = text.replace("\"'https://' || domain\"", "\"CONCAT('https://', domain)\"")

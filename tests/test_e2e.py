@@ -13,19 +13,23 @@ from support import TOKEN, cli_env, copy_mappings, run_cli, seed, user_id, users
 
 from etl.state import StateStore
 
-SOURCES = ["sqlite_url", pytest.param("pg_url", marks=pytest.mark.postgres)]
+SOURCES = [
+    "sqlite_url",
+    pytest.param("pg_url", marks=pytest.mark.postgres),
+    pytest.param("mariadb_url", marks=pytest.mark.mariadb),
+]
 
 
 @pytest.fixture(params=SOURCES)
 def source_url(request: pytest.FixtureRequest) -> str:
-    """The same scenarios on SQLite and on PostgreSQL."""
+    """The same scenarios on SQLite, PostgreSQL and MariaDB."""
     return str(request.getfixturevalue(request.param))
 
 
 @pytest.fixture
 def env(tmp_path: Path, source_url: str, receiver: Any) -> dict[str, str]:
     seed(source_url)
-    copy_mappings(tmp_path / "mappings")
+    copy_mappings(tmp_path / "mappings", dialect=sa.make_url(source_url).get_backend_name())
     return cli_env(tmp_path, source_url, receiver.url)
 
 
