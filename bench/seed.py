@@ -30,29 +30,34 @@ from psycopg import sql
 # libpq connection string of the server; the benchmark database is created on it.
 SERVER_DSN = os.environ.get("BENCH_PG_DSN", "host=127.0.0.1 port=5432 user=postgres")
 
-FIRST_NAMES = (
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+FIRST_NAMES = _words(
     "Ada Alan Alice Amara Anna Arjun Ben Bruno Carla Chen Chloe Dana David Diego Elena Emma "
     "Ethan Fatima Felix Grace Hana Hugo Ines Ivan Jack James Jin Julia Kai Kenji Lara Leo "
     "Liam Lina Lucas Maya Mia Mohamed Nadia Noah Nora Olga Omar Paula Priya Rafael Rosa Ryan "
     "Sara Sofia Tariq Theo Uma Victor Wei Yara Yusuf Zoe Ali Beatriz Chidi Dmitri Eva"
-).split()
-LAST_NAMES = (
+)
+LAST_NAMES = _words(
     "Abbott Adeyemi Alvarez Andersen Baker Bauer Becker Brown Castro Chen Costa Dubois "
     "Eriksen Fischer Garcia Gomez Hansen Hoffmann Ito Jansen Jones Kim Kowalski Kumar Larsen "
     "Lee Lopez Martin Meyer Moreau Muller Nakamura Nguyen Novak Okafor Olsen Patel Perez "
     "Petrov Quinn Rossi Sato Schmidt Silva Smith Sousa Suzuki Tanaka Taylor Thomas Torres "
     "Vogel Wagner Wang Weber Williams Wilson Wong Yamamoto Young Zhang Zielinski Lovelace"
-).split()
+)
 EMAIL_DOMAINS = ["example.com", "mail.example", "corp.example", "example.org", "inbox.example"]
-ADJECTIVES = (
+ADJECTIVES = _words(
     "Blue Bright Clear Crimson Deep Early Fast First Golden Green Happy Iron Little Lucky "
     "Modern North Open Quiet Rapid Red Silver Smart Solid Swift True Urban Vivid Wild"
-).split()
-NOUNS = (
-    "Analytics Apps Bank Bridge Cloud Codes Data Dynamics Foods Forge Health Labs Logic "
-    "Media Motors Networks Partners Pixel Robotics Sciences Security Signals Software "
-    "Studio Systems Tech Travel Ventures Works"
-).split()
+)
+NOUNS = _words(
+    "Analytics Apps Bank Bridge Cloud Codes Data Dynamics Foods Forge Health Labs Logic Media "
+    "Motors Networks Partners Pixel Robotics Sciences Security Signals Software Studio "
+    "Systems Tech Travel Ventures Works"
+)
 
 _USERS = """
 INSERT INTO users (id, workspace_id, first_name, last_name, email, role, is_admin,

@@ -12,15 +12,15 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from etl import extract, load, logs
 from etl.errors import SourceError, UsageError
+from etl.extract import DEFAULT_PAGE_SIZE
 from etl.mapping import load_mappings
-from etl.model import DeliveryConfig, DiffReport, RunReport, Secret
+from etl.model import DeliveryConfig, DiffReport, Mapping, RunReport, Secret
 from etl.pipeline import Collaborators, Progress, RunOptions, run
 from etl.state import StateStore
 
@@ -36,6 +36,7 @@ def sync(
     mappings_dir: str | Path = DEFAULT_MAPPINGS,
     streams: Sequence[str] | None = None,
     full: bool = False,
+    page_size: int = DEFAULT_PAGE_SIZE,
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
@@ -48,10 +49,27 @@ def sync(
     stop: threading.Event | None = None,
 ) -> RunReport:
     """Incremental sync of every stream (accounts first); `full` re-reads all rows."""
+    mappings = load_mappings(Path(mappings_dir), streams=streams)
+    delivery = delivery_config(
+        endpoint=endpoint,
+        token=token,
+        token_file=token_file,
+        api_key=api_key,
+        workspace_key=workspace_key,
+        batch_size=batch_size,
+        batch_bytes=batch_bytes,
+        concurrency=concurrency,
+        max_rps=max_rps,
+    )
+    options = RunOptions(mode="full" if full else "incremental", page_size=page_size)
     return _send(
         "sync",
-        RunOptions(mode="full" if full else "incremental"),
-        **locals(),
+        mappings,
+        options,
+        source_url=source_url,
+        state_url=state_url,
+        delivery=delivery,
+        stop=stop,
     )
 
 
@@ -63,6 +81,7 @@ def backfill(
     streams: Sequence[str] | None = None,
     force: bool = False,
     restart: bool = False,
+    page_size: int = DEFAULT_PAGE_SIZE,
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
@@ -76,10 +95,28 @@ def backfill(
     stop: threading.Event | None = None,
 ) -> RunReport:
     """Full historical load, resumable from the last acknowledged page."""
+    mappings = load_mappings(Path(mappings_dir), streams=streams)
+    delivery = delivery_config(
+        endpoint=endpoint,
+        token=token,
+        token_file=token_file,
+        api_key=api_key,
+        workspace_key=workspace_key,
+        batch_size=batch_size,
+        batch_bytes=batch_bytes,
+        concurrency=concurrency,
+        max_rps=max_rps,
+    )
+    options = RunOptions(mode="backfill", force=force, restart=restart, page_size=page_size)
     return _send(
         "backfill",
-        RunOptions(mode="backfill", force=force, restart=restart),
-        **locals(),
+        mappings,
+        options,
+        source_url=source_url,
+        state_url=state_url,
+        delivery=delivery,
+        stop=stop,
+        progress=progress,
     )
 
 
@@ -91,6 +128,7 @@ def diff(
     streams: Sequence[str] | None = None,
     full: bool = False,
     limit: int | None = None,
+    page_size: int = DEFAULT_PAGE_SIZE,
     api_key: str | None = None,
     workspace_key: str | None = None,
 ) -> tuple[RunReport, DiffReport]:
@@ -102,7 +140,12 @@ def diff(
         api_key=_env(api_key, "HYPERENGAGE_API_KEY") or "",
         workspace_key=_env(workspace_key, "HYPERENGAGE_WORKSPACE_KEY") or "",
     )
-    options = RunOptions(mode="full" if full else "incremental", dry_run=True, diff_limit=limit)
+    options = RunOptions(
+        mode="full" if full else "incremental",
+        dry_run=True,
+        diff_limit=limit,
+        page_size=page_size,
+    )
     with _source(source_url) as source, _state(state_url, readonly=True) as state:
         io = Collaborators(source=source, state=state, delivery=delivery)
         report, diff_report = run(mappings, command="diff", options=options, io=io)
@@ -132,22 +175,21 @@ def validate(
 # ---------------------------------------------------------------- plumbing
 
 
-def _send(command: str, options: RunOptions, **kw: Any) -> RunReport:
-    mappings = load_mappings(Path(kw["mappings_dir"]), streams=kw["streams"])
-    delivery = delivery_config(
-        endpoint=kw["endpoint"],
-        token=kw["token"],
-        token_file=kw["token_file"],
-        api_key=kw["api_key"],
-        workspace_key=kw["workspace_key"],
-        batch_size=kw["batch_size"],
-        batch_bytes=kw["batch_bytes"],
-        concurrency=kw["concurrency"],
-        max_rps=kw["max_rps"],
-    )
+def _send(
+    command: str,
+    mappings: list[Mapping],
+    options: RunOptions,
+    *,
+    source_url: str,
+    state_url: str,
+    delivery: DeliveryConfig,
+    stop: threading.Event | None,
+    progress: Progress | None = None,
+) -> RunReport:
+    """Open the source, the state (locked) and the HTTP client; run; close them all."""
     with (
-        _source(kw["source_url"]) as source,
-        _state(kw["state_url"], readonly=False) as state,
+        _source(source_url) as source,
+        _state(state_url, readonly=False) as state,
         load.make_client(delivery) as client,
     ):
         state.acquire(command)
@@ -156,8 +198,8 @@ def _send(command: str, options: RunOptions, **kw: Any) -> RunReport:
             state=state,
             delivery=delivery,
             client=client,
-            progress=kw.get("progress"),
-            stop=kw["stop"] or threading.Event(),
+            progress=progress,
+            stop=stop or threading.Event(),
         )
         report, _ = run(mappings, command=command, options=options, io=io)
     return report
@@ -275,4 +317,11 @@ def _state(url: str, *, readonly: bool) -> Iterator[StateStore]:
         store.close()
 
 
-__all__ = ["backfill", "delivery_config", "diff", "sync", "validate"]
+__all__ = [
+    "DEFAULT_PAGE_SIZE",
+    "backfill",
+    "delivery_config",
+    "diff",
+    "sync",
+    "validate",
+]

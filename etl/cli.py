@@ -89,6 +89,14 @@ def _common(func: F) -> F:
             type=click.Choice(["console", "json"]),
             help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
         ),
+        click.option(
+            "--page-size",
+            envvar="ETL_PAGE_SIZE",
+            default=api.DEFAULT_PAGE_SIZE,
+            show_default=True,
+            type=click.IntRange(1, 1_000_000),
+            help="Rows per keyset page read from the source. [env ETL_PAGE_SIZE]",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -221,11 +229,13 @@ def main() -> None:
 @click.option("--check-source", is_flag=True, help="Also check tables, columns and SQL.")
 @_handled
 def validate(
+    *,
     source_url: str | None,
     state_url: str,
     mappings_dir: Path,
     streams: tuple[str, ...],
     check_source: bool,
+    page_size: int,
 ) -> None:
     """Check every mapping file (and with --check-source, the source database).
 
@@ -504,6 +514,7 @@ def _api_args(kw: dict[str, Any]) -> dict[str, Any]:
         "state_url": kw["state_url"],
         "mappings_dir": kw["mappings_dir"],
         "streams": kw["streams"] or None,
+        "page_size": kw["page_size"],
         "endpoint": kw["endpoint"],
         "token_file": kw["token_file"],
         "batch_size": kw["batch_size"],
@@ -519,6 +530,7 @@ def _only_read(kw: dict[str, Any]) -> dict[str, Any]:
         "state_url": kw["state_url"],
         "mappings_dir": kw["mappings_dir"],
         "streams": kw["streams"] or None,
+        "page_size": kw["page_size"],
     }
 
 

@@ -1,0 +1,167 @@
+"""Run one command as a child process and measure it: wall time and peak RSS.
+
+`os.wait4` reaps the child and hands back *its own* rusage, so `ru_maxrss`
+is that process's peak resident set (KB on Linux), not a running maximum over
+every child the benchmark ever had. Output goes to temporary files (never
+pipes, which a chatty child could fill and block on); a timer kills a child
+that overruns its timeout.
+
+`Receiver` runs `etl receiver` in its own process (so it does not share a GIL
+with the measured run), on a port the OS picks, with a fresh store per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One finished (or killed) child process."""
+
+    returncode: int | None  # None: killed after its timeout
+    seconds: float
+    max_rss_kb: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.stderr.splitlines()[-lines:])
+
+
+def measure(
+    argv: Sequence[str], *, env: Mapping[str, str], timeout: float, cwd: Path | None = None
+) -> Measured:
+    """Run `argv` to completion (or kill it at `timeout`), timing the whole process."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        timed_out = threading.Event()
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,  # a Ctrl-C of the bench is ours to pass on
+        )
+        timer = threading.Timer(timeout, _kill, (proc.pid, timed_out))
+        timer.start()
+        reaped = False
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+            reaped = True
+        finally:
+            timer.cancel()
+            if not reaped:  # interrupted while waiting: do not leave it running
+                _kill(proc.pid, timed_out)
+                os.waitpid(proc.pid, 0)
+            proc.returncode = -1  # reaped here; Popen must not wait for it again
+        seconds = time.monotonic() - started
+        code = None if timed_out.is_set() else os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Measured(
+            returncode=code,
+            seconds=seconds,
+            max_rss_kb=usage.ru_maxrss,
+            stdout=out.read().decode(errors="replace"),
+            stderr=err.read().decode(errors="replace"),
+        )
+
+
+def _kill(pid: int, flag: threading.Event) -> None:
+    flag.set()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def json_lines(text: str) -> Iterator[dict[str, Any]]:
+    """The JSON objects among a process's log lines (others are skipped)."""
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                yield json.loads(line)
+
+
+class Receiver:
+    """`etl receiver` in a child process, on a free port, with its own store file."""
+
+    def __init__(self, store: Path, env: Mapping[str, str], *, start_timeout: float = 30) -> None:
+        self.store = store
+        self._log = store.with_suffix(".log").open("w+b")
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "etl", "receiver", "--host", "127.0.0.1", "--port", "0"),
+                *("--store", str(store), "--log-format", "json"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            env=dict(env),
+            start_new_session=True,
+        )
+        try:
+            self.port = self._wait_for_port(start_timeout)
+            self.base_url = f"http://127.0.0.1:{self.port}"
+            self.endpoint = self.base_url + "/api/v1/s2s/event"
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_port(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"receiver exited with {self.proc.returncode}: {self.log()}")
+            for line in json_lines(self.log()):
+                if line.get("event") == "receiver.started":
+                    return int(line["port"])
+            time.sleep(0.05)
+        raise RuntimeError(f"receiver did not start within {timeout:g} s: {self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return Path(self._log.name).read_text(errors="replace")
+
+    def stats(self) -> dict[str, Any]:
+        """GET /stats: events stored, requests (by status)."""
+        response = httpx.get(self.base_url + "/stats", timeout=60)
+        response.raise_for_status()
+        return dict(response.json())
+
+    def stop(self) -> None:
+        """SIGTERM (a clean shutdown), then SIGKILL after 15 s; always reaped."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self._log.close()
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
