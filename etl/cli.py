@@ -284,9 +284,9 @@ def backfill(force: bool, restart: bool, **kw: Any) -> None:
     Rows with a NULL cursor are included. When it finishes, the nightly `sync`
     carries on from the safe horizon taken at its start.
     """
-    with _stop_on_signals() as stop:
+    with _stop_on_signals() as stop, _progress() as progress:
         run = api.backfill(
-            **_api_args(kw), force=force, restart=restart, stop=stop, progress=_progress()
+            **_api_args(kw), force=force, restart=restart, stop=stop, progress=progress
         )
     _finish(run)
 
@@ -534,39 +534,53 @@ def _only_read(kw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _progress() -> Callable[[str, int, int | None], None]:
+@contextmanager
+def _progress() -> Iterator[Callable[[str, int, int | None], None]]:
     """A progress bar per stream on a TTY; a log line every 5 s otherwise."""
-    if sys.stderr.isatty():
-        return _ProgressBar()
-    return _ProgressLog()
+    if not sys.stderr.isatty():
+        yield _ProgressLog()
+        return
+    bars = _ProgressBars()
+    try:
+        yield bars
+    finally:
+        bars.close()
 
 
-class _ProgressBar:
+class _ProgressBars:
+    """One click progress bar per stream: rows done / total, rate, ETA."""
+
     def __init__(self) -> None:
-        self.bars: dict[str, Any] = {}
-        self.done: dict[str, int] = {}
+        self.bar: Any = None
+        self.stream = ""
+        self.done = 0
 
     def __call__(self, stream: str, done: int, total: int | None) -> None:
-        if stream not in self.bars:
-            for bar in self.bars.values():
-                bar.render_finish()
-            self.bars[stream] = click.progressbar(
-                length=max(total or 0, done),
+        if stream != self.stream:
+            self.close()
+            self.stream, self.done = stream, 0
+            self.bar = click.progressbar(
+                length=max(total or 0, done, 1),
                 label=stream,
                 show_eta=True,
                 show_pos=True,
+                show_percent=True,
                 file=sys.stderr,
-                item_show_func=lambda _: None,
             )
-            self.done[stream] = 0
-        bar = self.bars[stream]
-        if bar.length is not None and done > bar.length:
-            bar.length = done  # the estimate was low
-        bar.update(done - self.done[stream])
-        self.done[stream] = done
+        # the estimate (pg_class.reltuples) can be low
+        self.bar.length = max(self.bar.length, done)
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
+            self.bar = None
 
 
 class _ProgressLog:
+    """`backfill.progress` log lines, at most one every `every` seconds."""
+
     def __init__(self, every: float = 5.0) -> None:
         self.every = every
         self.started: dict[str, float] = {}

@@ -456,7 +456,7 @@ class StateStore:
         if stream is not None:
             query = query.where(rejects_table.c.stream == stream)
         with self._begin() as conn:
-            return [dict(r._mapping) for r in conn.execute(query)]
+            return [_plain_row(r) for r in conn.execute(query)]
 
     # ------------------------------------------------------------ runs
 
@@ -508,7 +508,7 @@ class StateStore:
             ).all()
         out = []
         for row in rows:
-            item = dict(row._mapping)
+            item = _plain_row(row)
             item["started_at"] = _aware(item["started_at"])
             item["finished_at"] = _aware(item["finished_at"])
             item["streams"] = orjson.loads(item["streams"]) if item["streams"] else []
@@ -599,6 +599,12 @@ def _upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]], keys:
     stmt = insert(table)
     update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
     conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=update), rows)
+
+
+def _plain_row(row: sa.Row[Any]) -> dict[str, Any]:
+    """A row as a dict keyed by plain `str`: SQLAlchemy's `quoted_name` keys are a
+    str subclass that orjson refuses (`etl runs --format json` would crash)."""
+    return {str(name): value for name, value in row._mapping.items()}
 
 
 def _safe_url(url: str) -> str:
