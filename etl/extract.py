@@ -463,8 +463,7 @@ def _check_one(conn: Connection, mapping: Mapping) -> list[str]:
                 f"{mapping.path}: {key}: no column {column!r} in the source "
                 f"(columns: {listing}) — fix the column name"
             )
-    if problems:
-        return problems
+    # SQL expressions are checked even when a column is wrong: all problems at once
     src = source_from(conn, mapping)
     if mapping.source.where:
         problems += _try(

@@ -404,7 +404,7 @@ def test_413_splits_batches_until_everything_is_delivered(tmp_path: Path, pg_url
     ("status", "cause"),
     [
         (401, "the token is wrong or missing — check HYPERENGAGE_TOKEN"),
-        (403, "check HYPERENGAGE_TOKEN and HYPERENGAGE_WORKSPACE_KEY"),
+        (403, "the token lacks access to this workspace — check HYPERENGAGE_TOKEN"),
         (404, "no such endpoint — check HYPERENGAGE_ENDPOINT"),
     ],
 )
