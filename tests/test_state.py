@@ -1,0 +1,169 @@
+"""The state store on SQLite and PostgreSQL: lossless watermarks, per-batch commits,
+rejects, runs, the lock, and stores that are not ours."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from etl.diff import LastSent
+from etl.errors import LockedError, StateError
+from etl.state import Rejected, Sent, StateStore, decode_watermark, encode_watermark
+
+UTC = dt.UTC
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateStore]:
+    """A fresh state store, SQLite file or PostgreSQL database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    s = StateStore(url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        dt.datetime(2024, 3, 1, 12, 0, 0, 123456, tzinfo=UTC),
+        dt.datetime(2024, 3, 1, 12, 0, 0, 1, tzinfo=dt.timezone(dt.timedelta(hours=-5))),
+        2**62,
+        0,
+    ],
+)
+def test_watermarks_round_trip_without_loss(value: dt.datetime | int) -> None:
+    """Microseconds, offsets and big integers survive encoding exactly."""
+    text, kind = encode_watermark(value)
+    decoded = decode_watermark(text, kind)
+    assert decoded == value
+    assert type(decoded) is type(value)
+    if isinstance(value, dt.datetime):
+        assert decoded.utcoffset() == value.utcoffset()  # type: ignore[union-attr]
+
+
+def test_watermark_and_fingerprint_are_saved_per_stream(store: StateStore) -> None:
+    """A saved watermark comes back exactly; the checkpoint is cleared with it."""
+    store.save_checkpoint("users", ["k100"])
+    assert store.stream("users").checkpoint == ["k100"]  # type: ignore[union-attr]
+    mark = dt.datetime(2024, 3, 1, 12, 0, 0, 999999, tzinfo=UTC)
+    store.save_watermark("users", mark, "fp1")
+    state = store.stream("users")
+    assert state is not None
+    assert (state.watermark, state.fingerprint, state.checkpoint) == (mark, "fp1", None)
+    assert store.stream("workspaces") is None
+
+
+def test_a_batch_is_committed_and_looked_up_by_page(store: StateStore) -> None:
+    """Acknowledged records are found by key with their hash (and payload on request)."""
+    sent = [Sent(f"k{i}", f"h{i}", b'{"traits":{}}', f"e{i}") for i in range(3)]
+    store.commit_batch("users", sent)
+    assert store.last_sent("users", ["k0", "k2", "nope"]) == {
+        "k0": LastSent("h0"),
+        "k2": LastSent("h2"),
+    }
+    assert store.last_sent("users", ["k1"], with_payload=True)["k1"].payload == b'{"traits":{}}'
+    assert store.last_sent("workspaces", ["k0"]) == {}
+    store.commit_batch("users", [Sent("k0", "h0b", b"{}", "e0b")])
+    assert store.last_sent("users", ["k0"])["k0"].hash == "h0b"
+    assert sorted(store.sent_keys("users")) == ["k0", "k1", "k2"]
+
+
+def test_rejects_are_kept_counted_and_cleared_on_success(store: StateStore) -> None:
+    """A refused record stays in the ledger with its message until it is delivered."""
+    store.commit_batch("users", [], [Rejected("k1", ["k1"], "e1", "HTTP 400: bad email")])
+    store.commit_batch("users", [], [Rejected("k1", ["k1"], "e1", "HTTP 400: still bad")])
+    (row,) = store.rejected("users")
+    assert (row["key"], row["attempts"], row["message"]) == ("k1", 2, "HTTP 400: still bad")
+    assert store.summary()[0]["rejected"] == 1
+    store.commit_batch("users", [Sent("k1", "h", b"{}", "e1")])
+    assert store.rejected("users") == []
+
+
+def test_runs_are_recorded(store: StateStore) -> None:
+    """A run is `running` until finished with its status and per-stream counts."""
+    run_id = store.start_run("sync", "incremental")
+    assert store.runs()[0]["status"] == "running"
+    store.finish_run(run_id, status="partial", streams=[{"stream": "users", "sent": 3}], error=None)
+    (run,) = store.runs()
+    assert (run["status"], run["streams"]) == ("partial", [{"stream": "users", "sent": 3}])
+    assert run["finished_at"] >= run["started_at"]
+
+
+def test_reset_forgets_one_stream(store: StateStore) -> None:
+    """Reset drops a stream's records, rejects and watermark, and no other stream's."""
+    store.commit_batch("users", [Sent("k", "h", b"{}", "e")])
+    store.commit_batch("workspaces", [Sent("w", "h", b"{}", "e")])
+    store.save_watermark("users", 5, "fp")
+    assert store.reset("users") == 1
+    assert store.stream("users") is None
+    assert list(store.sent_keys("workspaces")) == ["w"]
+
+
+def test_the_lock_admits_one_run_and_names_the_holder(store: StateStore) -> None:
+    """A second store on the same database cannot lock it, and is told who holds it."""
+    store.acquire("sync")
+    other = StateStore(store.url)
+    try:
+        with pytest.raises(LockedError) as caught:
+            other.acquire("backfill")
+        assert f"pid {os.getpid()}" in str(caught.value)
+        assert "sync" in str(caught.value)
+        store.release()
+        other.acquire("backfill")  # free again once released
+    finally:
+        other.close()
+
+
+def test_sqlite_state_is_private(tmp_path: Path) -> None:
+    """The SQLite file is created owner-only: it holds PII."""
+    path = tmp_path / "sub" / "state.db"
+    StateStore(f"sqlite:///{path}").close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_read_only_open_of_a_missing_store_is_empty_and_creates_nothing(tmp_path: Path) -> None:
+    """`etl diff` against no state at all reads it as empty and writes no file."""
+    path = tmp_path / "missing.db"
+    s = StateStore(f"sqlite:///{path}", readonly=True)
+    assert s.stream("users") is None
+    assert s.last_sent("users", ["k"]) == {}
+    assert s.runs() == []
+    s.close()
+    assert not path.exists()
+
+
+def test_a_store_from_a_newer_etl_is_refused(tmp_path: Path) -> None:
+    """A schema version above ours is an error that says to upgrade."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    StateStore(url).close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE etl_meta SET value = '99' WHERE name = 'schema_version'"))
+    engine.dispose()
+    with pytest.raises(StateError, match="newer etl"):
+        StateStore(url)
+
+
+def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    """A corrupted state file gives a clear error, not a traceback."""
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StateError, match="cannot open it"):
+        StateStore(f"sqlite:///{path}")
+
+
+def test_an_unsupported_state_database_is_refused() -> None:
+    """MySQL is a source, not a state store: the message says which to use."""
+    with pytest.raises(StateError, match="unsupported database"):
+        StateStore("mysql+pymysql://root@127.0.0.1/test")
