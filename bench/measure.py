@@ -35,6 +35,7 @@ class Measured:
 
     returncode: int | None  # None: killed after its timeout
     seconds: float
+    cpu_seconds: float  # user + system time of the process itself
     max_rss_kb: int
     stdout: str
     stderr: str
@@ -82,6 +83,7 @@ def measure(
         return Measured(
             returncode=code,
             seconds=seconds,
+            cpu_seconds=usage.ru_utime + usage.ru_stime,
             max_rss_kb=usage.ru_maxrss,
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),

@@ -25,13 +25,15 @@ Then the database and the temporary directory are dropped, whatever happened.
 How to read it: `wall s` is the whole process, start-up included, for both
 sides; `rows` is what the run read (etl: the sum of `read` over the
 `stream.done` log lines; naive: its own count); `requests` is what the
-receiver saw; `peak RSS MB` is that process's own peak (os.wait4 rusage), so
-compare it between BENCH_USERS=100000 and the default run to see that memory
-stays flat (the results of each size are kept in /tmp/etl-bench-users<N>.json
-and the other size is shown when present). `vs baseline` is the rows/s ratio
-for full runs (higher is better) and the wall-time ratio for incremental runs
-(lower is better). The targets of the issue follow, PASS/FAIL each, and the
-whole table is written as JSON to /tmp/etl-bench-latest.json.
+receiver saw; `CPU s` is the process's own user+system time (less sensitive
+than wall time to other load on the machine); `peak RSS MB` is that process's
+own peak (os.wait4 rusage): compare it between BENCH_USERS=100000 and the
+default run to see that memory stays flat (each size's results are kept in
+/tmp/etl-bench-users<N>.json, and the other size is shown when present).
+`vs baseline` is the rows/s ratio for full runs (higher is better) and the
+wall-time ratio for incremental runs (lower is better). The issue's targets
+follow, PASS/FAIL each, and the whole table is written as JSON to
+/tmp/etl-bench-latest.json.
 
 Knobs (environment): BENCH_USERS (default 1000000), BENCH_TIMEOUT (seconds per
 run; default max(600, 3 ms per user)), BENCH_ETL_ARGS (extra options for every
@@ -80,6 +82,7 @@ class Result:
     status: str = "not run"
     rows: int | None = None
     seconds: float | None = None
+    cpu_seconds: float | None = None
     requests: int | None = None
     events: int | None = None
     sent: int | None = None
@@ -160,6 +163,7 @@ class Bench:
             for path in store.parent.glob(store.name + "*"):
                 path.unlink()
         result.seconds = round(run.seconds, 3)
+        result.cpu_seconds = round(run.cpu_seconds, 3)
         result.peak_rss_mb = round(run.max_rss_kb / 1024, 1)
         result.requests = int(stats.get("requests", 0))
         result.events = int(stats.get("events", 0))
@@ -295,7 +299,7 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
 
 
 def table(results: list[Result]) -> str:
-    header = ("run", "rows", "wall s", "rows/s", "requests", "peak RSS MB", "vs baseline")
+    header = ("run", "rows", "wall s", "CPU s", "rows/s", "requests", "peak RSS MB", "vs baseline")
     rows = [header]
     for r in results:
         if r.ratio is None:
@@ -310,6 +314,7 @@ def table(results: list[Result]) -> str:
                 r.name,
                 failed or _num(r.rows),
                 _num(r.seconds, "{:.2f}"),
+                _num(r.cpu_seconds, "{:.2f}"),
                 "" if failed else _num(r.rows_per_s, "{:,.0f}"),
                 _num(r.requests),
                 _num(r.peak_rss_mb, "{:.1f}"),
@@ -320,7 +325,7 @@ def table(results: list[Result]) -> str:
     lines = []
     for n, row in enumerate(rows):
         cells = [
-            str(c).ljust(w) if i in (0, 6) else str(c).rjust(w)
+            str(c).ljust(w) if i in (0, len(header) - 1) else str(c).rjust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())

@@ -1,3 +1,19 @@
-"""etl: keep Hyperengage in step with your own users and workspaces tables."""
+"""etl: keep Hyperengage in step with your own users and workspaces tables.
 
+The library API is four functions with keyword-only arguments that mirror the
+command-line options; each returns what the run did (see README "Library API"):
+
+    import etl
+    report = etl.sync(source_url="postgresql+psycopg://readonly@db/app")
+
+The `etl` command line is built on the same functions.
+"""
+
+# Set before the imports below: etl.load and etl.cli read it while etl.api loads.
 __version__ = "0.1.0"
+
+# `diff` the function shadows the `etl.diff` submodule as an attribute of the
+# package; `from etl.diff import changes` still finds the module (sys.modules).
+from etl.api import backfill, diff, sync, validate
+
+__all__ = ["__version__", "backfill", "diff", "sync", "validate"]

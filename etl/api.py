@@ -1,8 +1,14 @@
 """The library API: `sync`, `backfill`, `diff` and `validate` as plain functions.
 
-Orchestrators (Airflow, Dagster, Prefect) call these directly; the CLI is a
-thin shell over them. Keyword-only arguments mirror the CLI options; anything
-left out falls back to the same environment variables and defaults.
+Orchestrators (Airflow, Dagster, Prefect) call these directly, as
+`etl.sync(...)` etc.; the CLI is a thin shell over them. Keyword-only arguments
+mirror the CLI options. Left out, the token, the API and workspace keys and the
+endpoint are read from the CLI's environment variables (HYPERENGAGE_TOKEN, ...);
+everything else takes the CLI's default, not ETL_*. `sync`/`backfill` return
+the RunReport (status "ok", or "partial" where the CLI exits 3), `diff` also the
+DiffReport; every failure raises an `etl.errors.EtlError`. Monitoring
+(`--metrics-file`, `--notify-url`) and logging set-up are the CLI's; an
+orchestrator has its own.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import click
 import orjson
 import structlog
 
-from etl import __version__, api, logs, report
+from etl import __version__, api, logs, metrics, notify, outcome, report
 from etl.errors import (
     EtlError,
     LockedError,
@@ -157,6 +157,31 @@ def _sending(func: F) -> F:
     return func
 
 
+def _monitoring(func: F) -> F:
+    """Options that report a sending run to monitoring (sync, backfill)."""
+    options = [
+        click.option(
+            "--metrics-file",
+            envvar="ETL_METRICS_FILE",
+            type=click.Path(dir_okay=False, path_type=Path),
+            metavar="PATH",
+            help="After the run (ok or not), write its figures here in the Prometheus text "
+            "format, for node_exporter's textfile collector. [env ETL_METRICS_FILE]",
+        ),
+        click.option(
+            "--notify-url",
+            envvar="ETL_NOTIFY_URL",
+            metavar="URL",
+            help="After the run (ok or not), POST a JSON summary here; {exit_code} in the URL "
+            "is replaced (healthchecks.io: https://hc-ping.com/UUID/{exit_code}). "
+            "[env ETL_NOTIFY_URL]",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _handled(func: F) -> F:
     """Run a command body; map EtlError to its exit code, in one place."""
 
@@ -166,7 +191,7 @@ def _handled(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except EtlError as exc:
-            code = next(c for kind, c in EXIT_CODES if isinstance(exc, kind))
+            code = _exit_code(exc)
             message = logs.redact_text(str(exc))
             log.error("run.failed", error=type(exc).__name__, exit_code=code, message=message)
             click.echo(f"error: {message}", err=True)
@@ -259,6 +284,7 @@ def validate(
 @main.command()
 @_common
 @_sending
+@_monitoring
 @click.option("--full", is_flag=True, help="Re-read every row (still sends only what changed).")
 @click.option("--dry-run", is_flag=True, help="Same as `etl diff`: send nothing, write nothing.")
 @_handled
@@ -268,13 +294,14 @@ def sync(dry_run: bool, **kw: Any) -> None:
         _diff(full=kw["full"], fmt="text", output=None, limit=None, redact=False, **_only_read(kw))
         return
     with _stop_on_signals() as stop:
-        run = api.sync(**_api_args(kw), full=kw["full"], stop=stop)
+        run = _monitored("sync", kw, lambda: api.sync(**_api_args(kw), full=kw["full"], stop=stop))
     _finish(run)
 
 
 @main.command()
 @_common
 @_sending
+@_monitoring
 @click.option("--force", is_flag=True, help="Send records even when unchanged since last sent.")
 @click.option("--restart", is_flag=True, help="Ignore the saved checkpoint and start over.")
 @_handled
@@ -285,8 +312,12 @@ def backfill(force: bool, restart: bool, **kw: Any) -> None:
     carries on from the safe horizon taken at its start.
     """
     with _stop_on_signals() as stop, _progress() as progress:
-        run = api.backfill(
-            **_api_args(kw), force=force, restart=restart, stop=stop, progress=progress
+        run = _monitored(
+            "backfill",
+            kw,
+            lambda: api.backfill(
+                **_api_args(kw), force=force, restart=restart, stop=stop, progress=progress
+            ),
         )
     _finish(run)
 
@@ -506,6 +537,54 @@ def receiver(
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _exit_code(exc: EtlError) -> int:
+    return next(c for kind, c in EXIT_CODES if isinstance(exc, kind))
+
+
+def _monitored(command: str, kw: dict[str, Any], call: Callable[[], RunReport]) -> RunReport:
+    """Run `call`; however it ends (exit 0, 1, 2 or 3), write --metrics-file and POST
+    --notify-url. Exit 4 does neither: the run holding the lock will, when it ends."""
+    metrics_file: Path | None = kw["metrics_file"]
+    notify_url: str | None = kw["notify_url"] or None
+    if metrics_file is not None:
+        metrics.check_metrics_path(metrics_file)
+    if notify_url is not None:
+        notify.check_notify_url(notify_url)
+    if metrics_file is None and notify_url is None:
+        return call()
+    started = time.time()
+    try:
+        run = call()
+    except LockedError:
+        raise
+    except BaseException as exc:  # a failed run is reported too; a second Ctrl-C as well
+        code = _exit_code(exc) if isinstance(exc, EtlError) else EXIT_FAILED
+        failed = outcome.from_error(
+            command, exc, exit_code=code, started_at=started, finished_at=time.time()
+        )
+        _publish(failed, metrics_file=metrics_file, notify_url=notify_url)
+        raise
+    code = EXIT_PARTIAL if run.status == "partial" else EXIT_OK
+    finished = outcome.from_report(run, exit_code=code, started_at=started, finished_at=time.time())
+    _publish(finished, metrics_file=metrics_file, notify_url=notify_url)
+    return run
+
+
+def _publish(
+    result: outcome.RunOutcome, *, metrics_file: Path | None, notify_url: str | None
+) -> None:
+    """Write the metrics file, send the notification; either failing is only a warning."""
+    if metrics_file is not None:
+        try:
+            metrics.write_metrics_file(metrics_file, result)
+        except OSError as exc:
+            log.warning(
+                "metrics.failed", path=str(metrics_file), error=exc.strerror or type(exc).__name__
+            )
+    if notify_url is not None:
+        notify.send_notification(notify_url, result)
 
 
 def _api_args(kw: dict[str, Any]) -> dict[str, Any]:

@@ -81,5 +81,10 @@ def field_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[A
 
 
 def _same(a: Any, b: Any) -> bool:
-    # JSON tells 1 from 1.0 from true; Python's == does not.
-    return type(a) is type(b) and a == b
+    # Compare as JSON, like the hash does: JSON tells 1 from 1.0 from true and
+    # -0.0 from 0.0 (also inside arrays); Python's == does not.
+    if a is ABSENT or b is ABSENT:
+        return a is b
+    return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(
+        b, option=orjson.OPT_SORT_KEYS
+    )

@@ -352,7 +352,10 @@ class _Sender:
             response = self._client.post(self._config.endpoint, params=params, content=body)
         except RETRIABLE_ERRORS as exc:
             return self._failure(exc, retriable=True)
-        except httpx.HTTPError as exc:
+        except Exception as exc:
+            # Anything else the HTTP stack raises (httpx.InvalidURL is no HTTPError;
+            # a bug in a dependency) may quote the URL too: never let it escape as is,
+            # or its traceback prints the token.
             return self._failure(exc, retriable=False)
         status = response.status_code
         if status in RETRIABLE_STATUSES:
@@ -360,8 +363,8 @@ class _Sender:
             return _Failure(self._words(response), status=status, retry_after=wait_at_least)
         return response
 
-    def _failure(self, exc: httpx.HTTPError, *, retriable: bool) -> _Failure:
-        """Describe an httpx exception without keeping it: its text may hold the URL."""
+    def _failure(self, exc: Exception, *, retriable: bool) -> _Failure:
+        """Describe an HTTP exception without keeping it: its text may hold the URL."""
         name = type(exc).__name__
         detail = " ".join(str(exc).split())
         label = self._redact(f"{name}: {detail}" if detail else name)[:MESSAGE_LIMIT]

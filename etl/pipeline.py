@@ -192,6 +192,9 @@ def run_stream(
             state=io.state,
         )
         flow = _Flow(mapping=mapping, options=options, io=io, tally=tally, total=total)
+        if plan.order == "cursor":
+            # _pages() re-reads these first; a row also in the cursor window comes twice.
+            flow.retrying = {r["key"] for r in io.state.rejected(mapping.stream)}
         if options.dry_run:
             flow.dry_run(pages, list_gone=options.mode == "full")
             stats = None
@@ -204,6 +207,7 @@ def run_stream(
         )
     watermark = horizon.value if horizon.value is not None else None
     if not options.dry_run:
+        flow.settle_rejects(bound)
         io.state.save_watermark(mapping.stream, watermark, mapping.fingerprint)
     report = StreamReport(
         stream=mapping.stream,
@@ -337,6 +341,11 @@ class _Flow:
     seq: int = -1
     acked_seq: int = -1
     checkpoints: deque[tuple[int, list[Any]]] = field(default_factory=deque)
+    # Keys of pending rejects this run retries; those read so far; those found
+    # unchanged since last delivered (nothing left to retry).
+    retrying: set[str] = field(default_factory=set)
+    retried: set[str] = field(default_factory=set)
+    unchanged_rejects: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         config = self.io.delivery
@@ -357,10 +366,14 @@ class _Flow:
     ) -> Iterator[tuple[Change, list[Any]]]:
         """Every row's verdict, page by page, with the row's key values."""
         n_keys = len(self.mapping.key)
-        for page in pages:
+        for rows in pages:
             if self.io.stop.is_set():
                 return
-            records = [self._dedupe(self.transform(row)) for row in page]
+            page, records = rows, [self._dedupe(self.transform(row)) for row in rows]
+            if self.retrying:
+                page, records = self._first_sightings(page, records)
+                if not page:
+                    continue
             last = self.io.state.last_sent(
                 self.mapping.stream,
                 [r.key for r in records if r.valid],
@@ -375,6 +388,20 @@ class _Flow:
                 self._checkpoint()
             if self.io.progress:
                 self.io.progress(self.mapping.stream, self.tally.read, self.total)
+
+    def _first_sightings(
+        self, page: list[tuple[Any, ...]], records: list[Record]
+    ) -> tuple[list[tuple[Any, ...]], list[Record]]:
+        """The page without rows of retried rejects already read in this run: sent
+        twice, they would be rejected (and counted) twice, or delivered twice."""
+        kept = []
+        for row, record in zip(page, records, strict=True):
+            if record.key in self.retrying:
+                if record.key in self.retried:
+                    continue
+                self.retried.add(record.key)
+            kept.append((row, record))
+        return [row for row, _ in kept], [record for _, record in kept]
 
     def _dedupe(self, record: Record) -> Record:
         if not self.check_duplicates:
@@ -422,6 +449,8 @@ class _Flow:
         for change, key_values in self.changes(pages, with_payload=False):
             record = change.record
             if change.kind == "invalid" or (change.kind == "unchanged" and not send_unchanged):
+                if change.kind == "unchanged" and record.key in self.retrying:
+                    self.unchanged_rejects.add(record.key)
                 continue
             # changes() yields new/changed/unchanged only for valid records
             assert record.payload is not None  # noqa: S101
@@ -456,6 +485,15 @@ class _Flow:
         if refs:
             self.acked_seq = max(self.acked_seq, *refs)
         self._checkpoint()
+
+    def settle_rejects(self, bound: Any) -> None:
+        """After the stream was delivered: forget pending rejects that need no retry —
+        the row is gone from the source, or it is back to what was last delivered.
+        Re-sent ones were settled by their batch; invalid ones stay pending."""
+        settled = (self.retrying - self.retried) | self.unchanged_rejects
+        if settled:
+            self.io.state.forget_rejects(self.mapping.stream, sorted(settled))
+            bound.info("rejects.settled", count=len(settled))
 
     def _checkpoint(self) -> None:
         """Backfill: save the last key up to which everything was acknowledged."""

@@ -255,6 +255,22 @@ class StateStore:
             self._acquire_file(holder)
         else:
             self._acquire_advisory(holder)
+        self._close_abandoned_runs()
+
+    def _close_abandoned_runs(self) -> None:
+        """With the lock held no other run is alive: a run still `running` died
+        without finishing (kill -9, OOM, a lost host). Say so, or `etl runs` shows
+        it running forever."""
+        with self._begin() as conn:
+            conn.execute(
+                sa.update(runs_table)
+                .where(runs_table.c.status == "running")
+                .values(
+                    status="failed",
+                    error="abandoned: the process ended without finishing (killed or crashed);"
+                    " the next run carried on from the state it left",
+                )
+            )
 
     def _acquire_file(self, holder: dict[str, Any]) -> None:
         path = f"{self._engine.url.database}.lock"  # type: ignore[union-attr]
@@ -292,7 +308,12 @@ class StateStore:
             os.close(self._lock_file)  # closing drops the flock
             self._lock_file = None
         if self._lock_conn is not None:
-            self._lock_conn.close()  # the pooled connection is reset, which unlocks
+            # A pooled connection outlives close(), and a session lock outlives
+            # a rollback: unlock explicitly (the lock still dies with a crash).
+            with contextlib.suppress(sa.exc.DBAPIError):
+                self._lock_conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                self._lock_conn.commit()
+            self._lock_conn.close()
             self._lock_conn = None
 
     # ------------------------------------------------------------ streams
@@ -422,6 +443,17 @@ class StateStore:
                 )
             for r in rejected:
                 self._reject(conn, stream, r, now)
+
+    def forget_rejects(self, stream: str, keys: Sequence[str]) -> None:
+        """Drop pending rejects that no longer need retrying, in one transaction."""
+        with self._begin() as conn:
+            for start in range(0, len(keys), 500):
+                conn.execute(
+                    sa.delete(rejects_table).where(
+                        rejects_table.c.stream == stream,
+                        rejects_table.c.key.in_(keys[start : start + 500]),
+                    )
+                )
 
     def _reject(self, conn: Connection, stream: str, r: Rejected, now: dt.datetime) -> None:
         updated = conn.execute(

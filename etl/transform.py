@@ -28,6 +28,8 @@ from etl.model import MAX_EVENT_BYTES, REQUIRED_TRAITS, Field, Mapping, Record, 
 EVENT_NAMESPACE = uuid.UUID("6f1c1a52-3c0e-4f43-9a43-1d2f6b7e0c11")
 # Doubles represent integers exactly only up to 2**53 (JavaScript's Number).
 MAX_SAFE_INTEGER = 2**53 - 1
+# Python refuses int <-> str conversions past this many digits (ValueError, 3.11+).
+MAX_INT_DIGITS = 4300
 
 UTC = dt.UTC
 
@@ -92,7 +94,8 @@ def _utc_text(value: dt.datetime, tz: dt.tzinfo) -> str:
         utc = aware.astimezone(UTC)
     except OverflowError as exc:
         raise Invalid(f"datetime {value.isoformat()} is out of range in UTC") from exc
-    text = utc.strftime("%Y-%m-%dT%H:%M:%S")
+    # not strftime: glibc writes year 1 as "1", not "0001"
+    text = f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc:%H:%M:%S}"
     if utc.microsecond:
         text += f".{utc.microsecond:06d}"
     return text + "Z"
@@ -118,13 +121,18 @@ def as_datetime(value: Any, tz: dt.tzinfo) -> str:
         try:
             return _utc_text(dt.datetime.fromtimestamp(float(_finite(value)), UTC), tz)
         except (OverflowError, OSError, ValueError) as exc:
-            raise Invalid(f"{value} is not a valid epoch timestamp") from exc
+            raise Invalid(f"{_brief(value)} is not a valid epoch timestamp") from exc
     raise Invalid(f"{type(value).__name__} value cannot be a datetime")
 
 
 def as_date(value: Any, tz: dt.tzinfo) -> str:
     if isinstance(value, dt.datetime):
-        return value.date().isoformat()
+        # an aware value comes in the session's zone: take its date in the stream's
+        try:
+            local = value.astimezone(tz) if value.tzinfo is not None else value
+        except OverflowError as exc:
+            raise Invalid(f"datetime {value.isoformat()} is out of range") from exc
+        return local.date().isoformat()
     if isinstance(value, dt.date):
         return value.isoformat()
     if isinstance(value, str):
@@ -143,9 +151,21 @@ def _finite(value: float | Decimal) -> float | Decimal:
     return value
 
 
+def _brief(value: Any) -> str:
+    """A value for a message: str() of a huge int raises, and a long one helps nobody."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"a {value.bit_length()}-bit integer"
+    try:
+        return str(value)
+    except ValueError:  # a huge int inside a list or dict
+        return f"a {type(value).__name__}"
+
+
 def _safe_int(value: int) -> int:
     if abs(value) > MAX_SAFE_INTEGER:
-        raise Invalid(f"{value} is beyond 2^53 and would lose precision — map it as type: text")
+        raise Invalid(
+            f"{_brief(value)} is beyond 2^53 and would lose precision — map it as type: text"
+        )
     return value
 
 
@@ -159,8 +179,17 @@ def as_number(value: Any, tz: dt.tzinfo) -> int | float:
     if isinstance(value, Decimal):
         _finite(value)
         if value == value.to_integral_value():
-            return _safe_int(int(value))
-        return float(value)
+            # compare before int(): int(Decimal("1E+999999999")) never returns;
+            # copy_abs, not abs(): abs() rounds to the context and overflows
+            if value.copy_abs() > MAX_SAFE_INTEGER:
+                raise Invalid(
+                    f"{value} is beyond 2^53 and would lose precision — map it as type: text"
+                )
+            return int(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise Invalid(f"{value} is out of the range of a double")
+        return number
     if isinstance(value, str):
         try:
             return as_number(Decimal(value.strip()), tz)
@@ -174,7 +203,7 @@ def as_integer(value: Any, tz: dt.tzinfo) -> int:
     if isinstance(number, float):
         if not number.is_integer():
             raise Invalid(f"{number} is not an integer")
-        return int(number)
+        return _safe_int(int(number))
     return number
 
 
@@ -185,11 +214,13 @@ _FALSE = {"false", "f", "no", "n", "0", "off"}
 def as_boolean(value: Any, tz: dt.tzinfo) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int | Decimal) and value in (0, 1):
+    # is_finite first: comparing a signalling NaN raises InvalidOperation
+    is_number = isinstance(value, int) or (isinstance(value, Decimal) and value.is_finite())
+    if is_number and value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise Invalid(f"{str(value)[:40]!r} is not a boolean")
+    raise Invalid(f"{_brief(value)[:40]!r} is not a boolean")
 
 
 def as_text(value: Any, tz: dt.tzinfo, encoding: str | None = None) -> str:
@@ -204,7 +235,9 @@ def as_text(value: Any, tz: dt.tzinfo, encoding: str | None = None) -> str:
             raise Invalid(f"binary value is not valid {encoding}") from exc
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float | Decimal):
+    if isinstance(value, int | Decimal):
+        return _whole_text(value, tz)
+    if isinstance(value, float):
         return str(as_number(value, tz))
     if isinstance(value, uuid.UUID):
         return str(value)
@@ -213,6 +246,20 @@ def as_text(value: Any, tz: dt.tzinfo, encoding: str | None = None) -> str:
     if isinstance(value, dt.date | dt.time):
         return value.isoformat()
     raise Invalid(f"{type(value).__name__} value cannot be text")
+
+
+def _whole_text(value: int | Decimal, tz: dt.tzinfo) -> str:
+    """A whole number as text with every digit: text is the advice for ids past 2^53."""
+    if isinstance(value, Decimal) and not (
+        value.is_finite() and value == value.to_integral_value()
+    ):
+        return str(as_number(value, tz))
+    if isinstance(value, Decimal) and value.adjusted() >= MAX_INT_DIGITS:
+        raise Invalid(f"{value} has too many digits to be text")
+    try:
+        return str(int(value))
+    except ValueError as exc:
+        raise Invalid(f"{_brief(value)} has too many digits to be text") from exc
 
 
 def _clean_text(text: str) -> str:
@@ -297,7 +344,12 @@ def record_key(values: Sequence[Any]) -> str:
 def _key_part(value: Any) -> str:
     if isinstance(value, bytes | memoryview):
         return bytes(value).hex()
-    return str(value)
+    try:
+        text = str(value)
+    except ValueError:  # an int past Python's 4,300-digit str() limit (or a list of one)
+        text = hex(value) if isinstance(value, int) else f"<{type(value).__name__}>"
+    # a lone surrogate (bad UTF-8 read from SQLite) cannot be JSON or stored: escape it
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def make_transformer(mapping: Mapping, context: EventContext) -> Callable[[Sequence[Any]], Record]:
@@ -330,7 +382,7 @@ def to_record(
     field = mapping.user_id
     try:
         for field in mapping.id_fields:
-            value = _field_value(_raw(field, values), field, tz)
+            value = _field_value(_raw(field, values), field, tz, is_id=True)
             if value is not None:
                 payload[field.name] = value
         for field in mapping.traits:
@@ -345,11 +397,13 @@ def to_record(
         return Record(key=key, cursor=cursor, payload=None, reason=reason)
     body = canonical(payload)
     if len(body) > max_payload_bytes:
+        # the budget is the event limit less the envelope: add it back to name the event's size
+        size = len(body) + MAX_EVENT_BYTES - max_payload_bytes
         return Record(
             key=key,
             cursor=cursor,
             payload=None,
-            reason=f"event is {len(body):,} bytes, over the 32 KB limit — drop or trim big traits",
+            reason=f"event is {size:,} bytes, over the 32 KB limit — drop or trim big traits",
         )
     return Record(key=key, cursor=cursor, payload=payload, canonical=body)
 
@@ -358,13 +412,14 @@ def _raw(field: Field, values: Iterator[Any]) -> Any:
     return field.value if field.kind == "const" else next(values)
 
 
-def _field_value(raw: Any, field: Field, tz: dt.tzinfo) -> Any:
+def _field_value(raw: Any, field: Field, tz: dt.tzinfo, *, is_id: bool = False) -> Any:
     if raw is None:
         raw = field.default
     if raw is None:
         return None
-    if field.name in ("user_id", "account_id", "anonymous_id", "url") and field.type is None:
-        return as_text(raw, tz)
+    if is_id:
+        # SPEC §2: ids and url are strings whatever type the mapping reads them as
+        return as_text(raw if field.type is None else coerce(raw, field, tz), tz)
     return coerce(raw, field, tz)
 
 

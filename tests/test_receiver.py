@@ -24,14 +24,7 @@ import pytest
 from conftest import TEST_TOKEN
 
 from etl.errors import UsageError
-from etl.receiver import (
-    Fault,
-    FaultPlan,
-    RunningReceiver,
-    load_fault_plan,
-    read_events,
-    start_receiver,
-)
+from etl.receiver import FaultPlan, RunningReceiver, read_events, start_receiver
 
 USER_EVENT: dict[str, Any] = {
     "event_id": "6f1c9a52-7d8e-5b3a-9c41-2e7f0d8b6a13",
@@ -425,61 +418,6 @@ def test_latency_delays_every_answer(faulty: StartFaulty, client: httpx.Client) 
     started = time.monotonic()
     assert post(client, receiver, [user()]).status_code == 200
     assert time.monotonic() - started >= 0.15
-
-
-def test_fault_plan_file_is_parsed(tmp_path: Path) -> None:
-    """A fault plan file becomes a FaultPlan, with drawn 429/503 carrying the plan's retry_after."""
-    path = tmp_path / "faults.json"
-    path.write_text(
-        json.dumps(
-            {
-                "seed": 5,
-                "sequence": [503, "429", {"status": 429, "retry_after": 2}, "drop"],
-                "probabilities": {"503": 0.1, "accept_then_500": 0.05},
-                "retry_after": 4,
-                "latency_ms": [1, 3],
-                "max_request_bytes": 1000,
-                "reject_events_where": {"user_id": "u-9"},
-            }
-        )
-    )
-    assert load_fault_plan(path) == FaultPlan(
-        seed=5,
-        sequence=(
-            Fault("status", 503),
-            Fault("status", 429),
-            Fault("status", 429, 2),
-            Fault("drop"),
-        ),
-        probabilities=((Fault("status", 503, 4.0), 0.1), (Fault("accept_then_500"), 0.05)),
-        retry_after=4.0,
-        latency_ms=(1.0, 3.0),
-        max_request_bytes=1000,
-        reject_events_where=(("user_id", "u-9"),),
-    )
-
-
-def test_fault_plan_reports_every_problem_at_once() -> None:
-    """Every problem of a fault plan is reported in one error, each prefixed with its source."""
-    text = json.dumps(
-        {
-            "colour": "red",
-            "sequence": [503, "dorp", 200],
-            "probabilities": {"500": 0.8, "503": 0.5},
-            "latency_ms": [50, 10],
-        }
-    )
-    with pytest.raises(UsageError) as raised:
-        FaultPlan.from_json(text, source="faults.json")
-    problems = str(raised.value).splitlines()
-    assert [problem.split(":")[1].strip() for problem in problems] == [
-        "colour",
-        "sequence[1]",
-        "sequence[2]",
-        "probabilities",
-        "latency_ms",
-    ]
-    assert all(problem.startswith("faults.json: ") for problem in problems)
 
 
 # --- starting, stopping, reading ---------------------------------------------------
