@@ -109,6 +109,7 @@ class Receiver:
 
     def __init__(self, store: Path, env: Mapping[str, str], *, start_timeout: float = 30) -> None:
         self.store = store
+        self.cpu_seconds: float | None = None  # known once stopped
         self._log = store.with_suffix(".log").open("w+b")
         self.proc = subprocess.Popen(
             [
@@ -151,16 +152,28 @@ class Receiver:
         return dict(response.json())
 
     def stop(self) -> None:
-        """SIGTERM (a clean shutdown), then SIGKILL after 15 s; always reaped."""
-        if self.proc.poll() is None:
+        """SIGTERM (a clean shutdown), then SIGKILL after 15 s; always reaped,
+        with os.wait4 so `cpu_seconds` tells what the receiver itself spent."""
+        if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        self._log.close()
+            if not self._reap(15):
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                self._reap(15)
+        if not self._log.closed:
+            self._log.close()
+
+    def _reap(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, _, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                self.proc.returncode = -1  # reaped here; Popen must not wait for it again
+                self.cpu_seconds = usage.ru_utime + usage.ru_stime
+                return True
+            time.sleep(0.02)
+        return False
 
     def __enter__(self) -> Receiver:
         return self

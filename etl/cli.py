@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -196,6 +197,15 @@ def _handled(func: F) -> F:
             log.error("run.failed", error=type(exc).__name__, exit_code=code, message=message)
             click.echo(f"error: {message}", err=True)
             sys.exit(code)
+        except Exception as exc:
+            # A bug, or a library error we did not foresee: still exit 1, and
+            # still never print the token (tracebacks carry URLs and values).
+            trace = logs.redact_text(traceback.format_exc())
+            log.error("run.crashed", error=type(exc).__name__, exit_code=EXIT_FAILED)
+            click.echo(
+                f"error: unexpected {type(exc).__name__} — please report it:\n{trace}", err=True
+            )
+            sys.exit(EXIT_FAILED)
 
     return wrapper  # type: ignore[return-value]
 

@@ -213,6 +213,9 @@ class StateStore:
                     )
         if not self.readonly:
             with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    # two first runs at once: one creates the tables, the other waits
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_KEY})
                 metadata.create_all(conn)
                 _upsert(
                     conn,
@@ -587,6 +590,7 @@ class StateStore:
 
 # Any constant works; this one spells "ETL" so it is recognisable in pg_locks.
 _LOCK_KEY = 0x45544C
+_SCHEMA_KEY = _LOCK_KEY + 1
 
 
 class _EmptyStore(Exception):

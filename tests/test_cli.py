@@ -237,3 +237,23 @@ def test_validate_check_source_reports_every_problem(tmp_path: Path, sqlite_url:
     assert "users.yml: traits.email: no column 'mail'" in result.stderr
     assert "traits.name.sql" in result.stderr
     assert "fix" in result.stderr
+
+
+def test_an_unexpected_error_exits_1_without_the_token(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug deep inside still exits 1, with a traceback that has the token masked."""
+    from support import TOKEN
+
+    from etl import pipeline
+
+    def explode(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError(f"boom at https://events.example.com/e?token={TOKEN} ({TOKEN})")
+
+    monkeypatch.setattr(pipeline, "run", explode)
+    monkeypatch.setattr("etl.api.run", explode)
+    result = run_cli(["sync"], env)
+    assert result.exit_code == 1
+    assert "RuntimeError" in result.stderr
+    assert "Traceback" in result.stderr
+    assert TOKEN not in result.stderr + result.stdout
