@@ -26,7 +26,7 @@ from etl import extract, load, logs
 from etl.errors import SourceError, UsageError
 from etl.extract import DEFAULT_PAGE_SIZE
 from etl.mapping import load_mappings
-from etl.model import DeliveryConfig, DiffReport, Mapping, RunReport, Secret
+from etl.model import DeliveryConfig, DiffReport, Mapping, RunReport, Secret, Shard
 from etl.pipeline import Collaborators, Progress, RunOptions, run
 from etl.state import StateStore
 
@@ -43,6 +43,7 @@ def sync(
     streams: Sequence[str] | None = None,
     full: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
+    shard: str | Shard | None = None,
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
@@ -67,7 +68,9 @@ def sync(
         concurrency=concurrency,
         max_rps=max_rps,
     )
-    options = RunOptions(mode="full" if full else "incremental", page_size=page_size)
+    options = RunOptions(
+        mode="full" if full else "incremental", page_size=page_size, shard=parse_shard(shard)
+    )
     return _send(
         "sync",
         mappings,
@@ -88,6 +91,7 @@ def backfill(
     force: bool = False,
     restart: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
+    shard: str | Shard | None = None,
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
@@ -113,7 +117,13 @@ def backfill(
         concurrency=concurrency,
         max_rps=max_rps,
     )
-    options = RunOptions(mode="backfill", force=force, restart=restart, page_size=page_size)
+    options = RunOptions(
+        mode="backfill",
+        force=force,
+        restart=restart,
+        page_size=page_size,
+        shard=parse_shard(shard),
+    )
     return _send(
         "backfill",
         mappings,
@@ -135,6 +145,7 @@ def diff(
     full: bool = False,
     limit: int | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
+    shard: str | Shard | None = None,
     api_key: str | None = None,
     workspace_key: str | None = None,
 ) -> tuple[RunReport, DiffReport]:
@@ -151,6 +162,7 @@ def diff(
         dry_run=True,
         diff_limit=limit,
         page_size=page_size,
+        shard=parse_shard(shard),
     )
     with _source(source_url) as source, _state(state_url, readonly=True) as state:
         io = Collaborators(source=source, state=state, delivery=delivery)
@@ -198,7 +210,7 @@ def _send(
         _state(state_url, readonly=False) as state,
         load.make_client(delivery) as client,
     ):
-        state.acquire(command)
+        state.acquire(command, shard=options.shard)
         io = Collaborators(
             source=source,
             state=state,
@@ -209,6 +221,16 @@ def _send(
         )
         report, _ = run(mappings, command=command, options=options, io=io)
     return report
+
+
+def parse_shard(shard: str | Shard | None) -> Shard | None:
+    """`"I/N"` (or a Shard, or None) -> Shard; a UsageError says how to write it."""
+    if shard is None or isinstance(shard, Shard):
+        return shard
+    try:
+        return Shard.parse(shard)
+    except ValueError as exc:
+        raise UsageError(f"--shard {exc}") from None
 
 
 def delivery_config(

@@ -90,6 +90,15 @@ def _common(func: F) -> F:
             type=click.Choice(["console", "json"]),
             help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
         ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _reading(func: F) -> F:
+    """Options of the commands that read rows (sync, backfill, diff)."""
+    options = [
         click.option(
             "--page-size",
             envvar="ETL_PAGE_SIZE",
@@ -97,6 +106,13 @@ def _common(func: F) -> F:
             show_default=True,
             type=click.IntRange(1, 1_000_000),
             help="Rows per keyset page read from the source. [env ETL_PAGE_SIZE]",
+        ),
+        click.option(
+            "--shard",
+            envvar="ETL_SHARD",
+            metavar="I/N",
+            help="Be worker I of N (0-based): handle the records whose key hashes to I, "
+            "with an own watermark and lock. [env ETL_SHARD]",
         ),
     ]
     for option in reversed(options):
@@ -270,7 +286,6 @@ def validate(
     mappings_dir: Path,
     streams: tuple[str, ...],
     check_source: bool,
-    page_size: int,
 ) -> None:
     """Check every mapping file (and with --check-source, the source database).
 
@@ -293,6 +308,7 @@ def validate(
 
 @main.command()
 @_common
+@_reading
 @_sending
 @_monitoring
 @click.option("--full", is_flag=True, help="Re-read every row (still sends only what changed).")
@@ -310,6 +326,7 @@ def sync(dry_run: bool, **kw: Any) -> None:
 
 @main.command()
 @_common
+@_reading
 @_sending
 @_monitoring
 @click.option("--force", is_flag=True, help="Send records even when unchanged since last sent.")
@@ -334,6 +351,7 @@ def backfill(force: bool, restart: bool, **kw: Any) -> None:
 
 @main.command()
 @_common
+@_reading
 @click.option("--full", is_flag=True, help="Diff every row; also lists keys gone from the source.")
 @click.option(
     "--format",
@@ -604,6 +622,7 @@ def _api_args(kw: dict[str, Any]) -> dict[str, Any]:
         "mappings_dir": kw["mappings_dir"],
         "streams": kw["streams"] or None,
         "page_size": kw["page_size"],
+        "shard": kw["shard"],
         "endpoint": kw["endpoint"],
         "token_file": kw["token_file"],
         "batch_size": kw["batch_size"],
@@ -620,6 +639,7 @@ def _only_read(kw: dict[str, Any]) -> dict[str, Any]:
         "mappings_dir": kw["mappings_dir"],
         "streams": kw["streams"] or None,
         "page_size": kw["page_size"],
+        "shard": kw["shard"],
     }
 
 

@@ -7,6 +7,7 @@ can build any of them by hand.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,6 +33,35 @@ REQUIRED_TRAITS: dict[EventType, tuple[str, ...]] = {
 }
 # SPEC §4: an event bigger than this is an invalid record, not a request.
 MAX_EVENT_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Worker `index` of `count` (`--shard I/N`, 0 <= I < N): owns the records whose
+    key hashes to `index`, with its own watermark and lock in a shared state store."""
+
+    index: int
+    count: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def owns(self, key: str) -> bool:
+        """Stable across processes, hosts and versions (unlike Python's hash())."""
+        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % self.count == self.index
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """`I/N` -> Shard; ValueError with the fix otherwise."""
+        index, sep, count = text.partition("/")
+        if not sep or not index.strip().isdigit() or not count.strip().isdigit():
+            raise ValueError(f"{text!r} is not I/N — e.g. 0/3 for the first of three workers")
+        shard = cls(int(index), int(count))
+        if not 0 <= shard.index < shard.count:
+            raise ValueError(f"{text!r}: I must be between 0 and N-1 — e.g. 0/3, 1/3, 2/3")
+        return shard
 
 
 class Secret:

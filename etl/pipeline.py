@@ -36,6 +36,7 @@ from etl.model import (
     Outgoing,
     Record,
     RunReport,
+    Shard,
     StreamReport,
 )
 from etl.state import Rejected, Sent, StateStore
@@ -59,6 +60,7 @@ class RunOptions:
     restart: bool = False  # backfill: ignore the checkpoint
     page_size: int = extract.DEFAULT_PAGE_SIZE
     diff_limit: int | None = None  # dry run: records listed per stream
+    shard: Shard | None = None  # this worker's share of every stream
     max_transaction_age: dt.timedelta = dt.timedelta(hours=1)
 
 
@@ -105,7 +107,9 @@ def run(
 ) -> tuple[RunReport, DiffReport | None]:
     """Run every stream in order (accounts first: mapping.py sorted them)."""
     state = io.state
-    run_id = None if options.dry_run else state.start_run(command, options.mode)
+    run_id = (
+        None if options.dry_run else state.start_run(command, options.mode, shard=options.shard)
+    )
     reports: list[StreamReport] = []
     diffs: list[DiffStream] = []
     status: Literal["ok", "partial", "failed"] = "ok"
@@ -158,7 +162,10 @@ def run_stream(
     """One stream: read what may have changed, diff it, send it, remember it."""
     started = time.monotonic()
     bound = log.bind(stream=mapping.stream)
-    previous = io.state.stream(mapping.stream)
+    # A shard keeps its own watermark and checkpoint; records and rejects are
+    # shared (each key belongs to exactly one shard).
+    state_name = f"{mapping.stream}#{options.shard.label}" if options.shard else mapping.stream
+    previous = io.state.stream(state_name)
     plan = _plan(mapping, previous, options, bound)
     full = plan.order == "key" or plan.since is None
     checkpoint = (
@@ -191,10 +198,19 @@ def run_stream(
             options=options,
             state=io.state,
         )
-        flow = _Flow(mapping=mapping, options=options, io=io, tally=tally, total=total)
+        flow = _Flow(
+            mapping=mapping,
+            options=options,
+            io=io,
+            tally=tally,
+            total=total,
+            state_name=state_name,
+        )
         if plan.order == "cursor":
             # _pages() re-reads these first; a row also in the cursor window comes twice.
-            flow.retrying = {r["key"] for r in io.state.rejected(mapping.stream)}
+            flow.retrying = {
+                r["key"] for r in io.state.rejected(mapping.stream) if flow.owns(r["key"])
+            }
         if options.dry_run:
             flow.dry_run(pages, list_gone=options.mode == "full")
             stats = None
@@ -208,7 +224,7 @@ def run_stream(
     watermark = horizon.value if horizon.value is not None else None
     if not options.dry_run:
         flow.settle_rejects(bound)
-        io.state.save_watermark(mapping.stream, watermark, mapping.fingerprint)
+        io.state.save_watermark(state_name, watermark, mapping.fingerprint)
     report = StreamReport(
         stream=mapping.stream,
         event_type=mapping.event_type,
@@ -341,6 +357,7 @@ class _Flow:
     seq: int = -1
     acked_seq: int = -1
     checkpoints: deque[tuple[int, list[Any]]] = field(default_factory=deque)
+    state_name: str = ""
     # Keys of pending rejects this run retries; those read so far; those found
     # unchanged since last delivered (nothing left to retry).
     retrying: set[str] = field(default_factory=set)
@@ -370,6 +387,10 @@ class _Flow:
             if self.io.stop.is_set():
                 return
             page, records = rows, [self._dedupe(self.transform(row)) for row in rows]
+            if self.options.shard is not None:
+                page, records = self._own(page, records)
+                if not page:
+                    continue
             if self.retrying:
                 page, records = self._first_sightings(page, records)
                 if not page:
@@ -402,6 +423,16 @@ class _Flow:
                 self.retried.add(record.key)
             kept.append((row, record))
         return [row for row, _ in kept], [record for _, record in kept]
+
+    def owns(self, key: str) -> bool:
+        return self.options.shard is None or self.options.shard.owns(key)
+
+    def _own(
+        self, page: list[tuple[Any, ...]], records: list[Record]
+    ) -> tuple[list[tuple[Any, ...]], list[Record]]:
+        """Only the rows whose key belongs to this shard."""
+        kept = [(row, r) for row, r in zip(page, records, strict=True) if self.owns(r.key)]
+        return [row for row, _ in kept], [r for _, r in kept]
 
     def _dedupe(self, record: Record) -> Record:
         if not self.check_duplicates:
@@ -501,7 +532,7 @@ class _Flow:
         while self.checkpoints and self.checkpoints[0][0] <= self.acked_seq:
             latest = self.checkpoints.popleft()[1]
         if latest is not None:
-            self.io.state.save_checkpoint(self.mapping.stream, latest)
+            self.io.state.save_checkpoint(self.state_name or self.mapping.stream, latest)
 
     # ------------------------------------------------------------ dry run
 
@@ -522,7 +553,7 @@ class _Flow:
             return
         # Keys sent before and no longer in the source (information only).
         for key in self.io.state.sent_keys(self.mapping.stream):
-            if key in seen_keys:
+            if key in seen_keys or not self.owns(key):
                 continue
             tally.gone += 1
             if limit is not None and len(tally.diff_records) >= limit:

@@ -33,6 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 from etl.diff import LastSent
 from etl.errors import LockedError, StateError
 from etl.extract import Watermark
+from etl.model import Shard
 
 SCHEMA_VERSION = 1
 UTC = dt.UTC
@@ -90,6 +91,7 @@ runs_table = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("host", sa.String(255)),
     sa.Column("pid", sa.Integer),
+    sa.Column("shard", sa.String(32)),  # "I/N" for a sharded worker, else NULL
 )
 
 
@@ -156,6 +158,7 @@ class StateStore:
         self._engine: Engine | None = None
         self._lock_conn: Connection | None = None
         self._lock_file: int | None = None
+        self._lock_key = _LOCK_KEY
         try:
             self._engine = self._open(url)
         except sa.exc.DBAPIError as exc:
@@ -244,30 +247,34 @@ class StateStore:
 
     # ------------------------------------------------------------ the lock
 
-    def acquire(self, command: str) -> None:
-        """Take the one-run-at-a-time lock, or raise LockedError naming the holder."""
+    def acquire(self, command: str, *, shard: Shard | None = None) -> None:
+        """Take the one-run-at-a-time lock (one per shard), or raise LockedError
+        naming the holder."""
         holder = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "command": command,
+            "command": command + (f" --shard {shard.label}" if shard else ""),
             "since": _now().isoformat(timespec="seconds"),
         }
         if self._engine is None:
             raise StateError("a read-only state store cannot be locked")
         if self._engine.dialect.name == "sqlite":
-            self._acquire_file(holder)
+            self._acquire_file(holder, shard)
         else:
-            self._acquire_advisory(holder)
-        self._close_abandoned_runs()
+            self._acquire_advisory(holder, shard)
+        self._close_abandoned_runs(shard)
 
-    def _close_abandoned_runs(self) -> None:
+    def _close_abandoned_runs(self, shard: Shard | None) -> None:
         """With the lock held no other run is alive: a run still `running` died
         without finishing (kill -9, OOM, a lost host). Say so, or `etl runs` shows
         it running forever."""
         with self._begin() as conn:
             conn.execute(
                 sa.update(runs_table)
-                .where(runs_table.c.status == "running")
+                .where(
+                    runs_table.c.status == "running",
+                    runs_table.c.shard == shard.label if shard else runs_table.c.shard.is_(None),
+                )
                 .values(
                     status="failed",
                     error="abandoned: the process ended without finishing (killed or crashed);"
@@ -275,8 +282,9 @@ class StateStore:
                 )
             )
 
-    def _acquire_file(self, holder: dict[str, Any]) -> None:
-        path = f"{self._engine.url.database}.lock"  # type: ignore[union-attr]
+    def _acquire_file(self, holder: dict[str, Any], shard: Shard | None) -> None:
+        suffix = f".{shard.index}-of-{shard.count}.lock" if shard else ".lock"
+        path = f"{self._engine.url.database}{suffix}"  # type: ignore[union-attr]
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -288,20 +296,23 @@ class StateStore:
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         self._lock_file = fd
 
-    def _acquire_advisory(self, holder: dict[str, Any]) -> None:
+    def _acquire_advisory(self, holder: dict[str, Any], shard: Shard | None) -> None:
         assert self._engine is not None  # noqa: S101 - checked by acquire()
         conn = self._engine.connect()
         # A session-level advisory lock dies with the connection, so with the process.
-        got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}).scalar()
+        self._lock_key = _LOCK_KEY if shard is None else _shard_lock_key(shard)
+        got = conn.execute(
+            sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": self._lock_key}
+        ).scalar()
         conn.commit()
         if not got:
             current = conn.execute(
-                sa.select(meta_table.c.value).where(meta_table.c.name == "lock_holder")
+                sa.select(meta_table.c.value).where(meta_table.c.name == _holder_name(shard))
             ).scalar()
             conn.close()
             raise LockedError(_locked_message(current or "", "PostgreSQL advisory lock"))
         with self._begin() as tx:
-            row = {"name": "lock_holder", "value": json.dumps(holder)}
+            row = {"name": _holder_name(shard), "value": json.dumps(holder)}
             _upsert(tx, meta_table, [row], ["name"])
         self._lock_conn = conn
 
@@ -314,7 +325,9 @@ class StateStore:
             # A pooled connection outlives close(), and a session lock outlives
             # a rollback: unlock explicitly (the lock still dies with a crash).
             with contextlib.suppress(sa.exc.DBAPIError):
-                self._lock_conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                self._lock_conn.execute(
+                    sa.text("SELECT pg_advisory_unlock(:k)"), {"k": self._lock_key}
+                )
                 self._lock_conn.commit()
             self._lock_conn.close()
             self._lock_conn = None
@@ -495,7 +508,7 @@ class StateStore:
 
     # ------------------------------------------------------------ runs
 
-    def start_run(self, command: str, mode: str) -> int | None:
+    def start_run(self, command: str, mode: str, *, shard: Shard | None = None) -> int | None:
         if self.readonly:
             return None
         with self._begin() as conn:
@@ -507,6 +520,7 @@ class StateStore:
                     status="running",
                     host=socket.gethostname(),
                     pid=os.getpid(),
+                    shard=shard.label if shard else None,
                 )
             )
             return int(result.inserted_primary_key[0])  # type: ignore[index]
@@ -591,6 +605,15 @@ class StateStore:
 # Any constant works; this one spells "ETL" so it is recognisable in pg_locks.
 _LOCK_KEY = 0x45544C
 _SCHEMA_KEY = _LOCK_KEY + 1
+
+
+def _shard_lock_key(shard: Shard) -> int:
+    # one lock per (index, count), clear of the two keys above
+    return (_LOCK_KEY << 32) + shard.count * 100_000 + shard.index
+
+
+def _holder_name(shard: Shard | None) -> str:
+    return f"lock_holder {shard.label}" if shard else "lock_holder"
 
 
 class _EmptyStore(Exception):
