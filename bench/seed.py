@@ -63,13 +63,13 @@ _USERS = """
 INSERT INTO users (id, workspace_id, first_name, last_name, email, role, is_admin,
                    last_login_at, tags, settings, created_at, updated_at)
 SELECT substr(h, 1, 24),
-       substr(md5('workspace:' || (1 + (i - 1) %% %(workspaces)s)), 1, 24),
+       substr(md5('workspace:' || (1 + (i - 1) %% %(workspaces)s::int)), 1, 24),
        fn, ln,
        lower(fn || '.' || ln || '.' || i) || '@' || (%(domains)s::text[])[1 + a %% 5],
-       CASE WHEN i <= %(workspaces)s THEN 'owner'
+       CASE WHEN i <= %(workspaces)s::int THEN 'owner'
             ELSE (ARRAY['admin','member','member','member','member','viewer','billing'])[1 + b %% 7]
        END,
-       i <= %(workspaces)s OR b %% 7 = 0,
+       i <= %(workspaces)s::int OR b %% 7 = 0,
        CASE WHEN e %% 10 = 0 THEN NULL ELSE created + (e %% 31536000) * interval '1 second' END,
        (ARRAY['[]', '["beta"]', '["beta","sso"]', '["early-adopter"]', '["churn-risk"]',
               '["vip","sso","beta"]'])[1 + c %% 6]::jsonb,
@@ -81,14 +81,14 @@ SELECT substr(h, 1, 24),
        created,
        created + (e %% 31536000) * interval '1 second' + (d %% 1000000) * interval '1 microsecond'
 FROM (SELECT i, md5('user:' || i) AS h, md5('user-x:' || i) AS x
-      FROM generate_series(%(lo)s, %(hi)s) AS i OFFSET 0) AS s,
+      FROM generate_series(%(lo)s::int, %(hi)s::int) AS i OFFSET 0) AS s,
 LATERAL (SELECT ('x' || substr(h, 25, 7))::bit(28)::int AS a,
                 ('x' || substr(x, 1, 7))::bit(28)::int AS b,
                 ('x' || substr(x, 8, 7))::bit(28)::int AS c,
                 ('x' || substr(x, 15, 7))::bit(28)::int AS d,
                 ('x' || substr(x, 22, 7))::bit(28)::int AS e OFFSET 0) AS n,
-LATERAL (SELECT (%(first)s::text[])[1 + a %% %(n_first)s] AS fn,
-                (%(last)s::text[])[1 + (a / 97) %% %(n_last)s] AS ln,
+LATERAL (SELECT (%(first)s::text[])[1 + a %% %(n_first)s::int] AS fn,
+                (%(last)s::text[])[1 + (a / 97) %% %(n_last)s::int] AS ln,
                 timestamptz '2019-01-01 00:00:00+00'
                   + (b %% 157680000) * interval '1 second' AS created OFFSET 0) AS p
 """
@@ -109,14 +109,14 @@ SELECT substr(h, 1, 24),
        created + (e %% 31536000) * interval '1 second' + (c %% 1000000) * interval '1 microsecond',
        CASE WHEN e %% 100 = 0 THEN created + interval '400 days' END
 FROM (SELECT j, md5('workspace:' || j) AS h, md5('workspace-x:' || j) AS x
-      FROM generate_series(1, %(workspaces)s) AS j OFFSET 0) AS s,
+      FROM generate_series(1, %(workspaces)s::int) AS j OFFSET 0) AS s,
 LATERAL (SELECT ('x' || substr(h, 25, 7))::bit(28)::int AS a,
                 ('x' || substr(x, 1, 7))::bit(28)::int AS b,
                 ('x' || substr(x, 8, 7))::bit(28)::int AS c,
                 ('x' || substr(x, 15, 7))::bit(28)::int AS d,
                 ('x' || substr(x, 22, 7))::bit(28)::int AS e OFFSET 0) AS n,
-LATERAL (SELECT (%(adjectives)s::text[])[1 + a %% %(n_adj)s] || ' '
-                  || (%(nouns)s::text[])[1 + (a / 97) %% %(n_nouns)s] AS name,
+LATERAL (SELECT (%(adjectives)s::text[])[1 + a %% %(n_adj)s::int] || ' '
+                  || (%(nouns)s::text[])[1 + (a / 97) %% %(n_nouns)s::int] AS name,
                 timestamptz '2019-01-01 00:00:00+00'
                   + (b %% 157680000) * interval '1 second' AS created OFFSET 0) AS p
 """
@@ -162,7 +162,7 @@ CREATE INDEX users_updated_at_id ON users (updated_at, id);
 _CHURN = """
 UPDATE users
 SET role = CASE role WHEN 'member' THEN 'admin' ELSE 'member' END, updated_at = now()
-WHERE id IN (SELECT id FROM users ORDER BY md5(%(seed)s || id) LIMIT %(n)s)
+WHERE id IN (SELECT id FROM users ORDER BY md5(%(seed)s || id) LIMIT %(n)s::int)
 """
 
 WORKSPACES_YML = """\

@@ -22,7 +22,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from etl import extract, load, logs
+from etl import extract, load, logs, sourcedb
 from etl.errors import SourceError, UsageError
 from etl.extract import DEFAULT_PAGE_SIZE
 from etl.mapping import load_mappings
@@ -313,12 +313,14 @@ def _source(url: str) -> Iterator[Engine]:
     if not url:
         raise UsageError("no source database — pass --source URL or set ETL_SOURCE_URL")
     try:
-        engine = sa.create_engine(url, pool_pre_ping=True)
+        engine = extract.create_source_engine(url)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise UsageError(
             f"--source: {exc} — use a SQLAlchemy URL such as "
             "postgresql+psycopg://user@host/db, mysql+pymysql://user@host/db or sqlite:///app.db"
         ) from None
+    # ±infinity timestamps, invalid UTF-8: invalid records, not a failed read
+    sourcedb.install(engine)
     try:
         with engine.connect():
             pass

@@ -484,10 +484,14 @@ def _read_yaml(text: str, problems: _Problems) -> dict[Any, Any] | None:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(yaml)"
+        problem = ", ".join(part for part in (exc.context, exc.problem) if part)
         problems.add(
             where,
-            ", ".join(part for part in (exc.context, exc.problem) if part) or "invalid YAML",
-            "fix the YAML there (check indentation; quote values containing ': ' or ' #')",
+            problem or "invalid YAML",
+            # a tab pasted from an editor is the commonest way to get here
+            "indent with spaces: YAML does not allow tabs there"
+            if "'\\t'" in problem
+            else "fix the YAML there (check indentation; quote values containing ': ' or ' #')",
         )
         return None
     except yaml.reader.ReaderError as exc:

@@ -146,6 +146,19 @@ class Mapping:
 
 
 @dataclass(frozen=True, slots=True)
+class Unrepresentable:
+    """A source value Python cannot hold, as the database spells it: PostgreSQL's
+    `infinity` / `-infinity` timestamps and dates. `etl.sourcedb` reads them as
+    this; transform makes their record invalid, naming the value."""
+
+    text: str  # "infinity" or "-infinity"
+    type_name: str  # "timestamp with time zone", "timestamp", "date"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
     """One source row after transform.
 

@@ -23,7 +23,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 
 from etl import extract, load
-from etl.diff import ABSENT, changes, fingerprint
+from etl.diff import ABSENT, fingerprint, row_fingerprint, verdict
 from etl.errors import EtlError, SourceError, StoppedError
 from etl.model import (
     BatchResult,
@@ -40,7 +40,14 @@ from etl.model import (
     StreamReport,
 )
 from etl.state import Rejected, Sent, StateStore
-from etl.transform import EventContext, event_id, make_transformer, to_event
+from etl.transform import (
+    TRANSFORM_VERSION,
+    EventContext,
+    event_id,
+    make_transformer,
+    record_key,
+    to_event,
+)
 
 log = structlog.get_logger("etl")
 
@@ -206,6 +213,7 @@ def run_stream(
             total=total,
             state_name=state_name,
         )
+        flow.had_rejects = bool(io.state.rejected(mapping.stream))
         if plan.order == "cursor":
             # _pages() re-reads these first; a row also in the cursor window comes twice.
             flow.retrying = {
@@ -358,6 +366,7 @@ class _Flow:
     acked_seq: int = -1
     checkpoints: deque[tuple[int, list[Any]]] = field(default_factory=deque)
     state_name: str = ""
+    had_rejects: bool = True  # any reject of this stream pending when it started
     # Keys of pending rejects this run retries; those read so far; those found
     # unchanged since last delivered (nothing left to retry).
     retrying: set[str] = field(default_factory=set)
@@ -372,6 +381,8 @@ class _Flow:
             workspace_key=config.workspace_key,
         )
         self.transform = make_transformer(self.mapping, self.context)
+        # Salt of the row digests: a new mapping or a new transform re-maps every row.
+        self.salt = f"{TRANSFORM_VERSION}:{self.mapping.fingerprint}:".encode()
         # Duplicate keys are possible only from a query; a table key is unique
         # by declaration. Hashes of keys keep this set small (8 bytes a key).
         self.check_duplicates = self.mapping.source.query is not None
@@ -380,74 +391,77 @@ class _Flow:
 
     def changes(
         self, pages: Iterator[list[tuple[Any, ...]]], *, with_payload: bool
-    ) -> Iterator[tuple[Change, list[Any]]]:
-        """Every row's verdict, page by page, with the row's key values."""
+    ) -> Iterator[tuple[Change, list[Any], str]]:
+        """Every row's verdict, page by page, with its key values and row digest.
+
+        A row whose digest equals the one stored with its last-sent payload is
+        unchanged without being transformed (`diff.row_fingerprint`); `--force`
+        transforms every row, since it sends unchanged records too.
+        """
         n_keys = len(self.mapping.key)
+        shortcut = not self.options.force
+        stream = self.mapping.stream
         for rows in pages:
             if self.io.stop.is_set():
                 return
-            page, records = rows, [self._dedupe(self.transform(row)) for row in rows]
+            keyed = [(record_key(row[:n_keys]), row) for row in rows]
             if self.options.shard is not None:
-                page, records = self._own(page, records)
-                if not page:
-                    continue
+                keyed = [(key, row) for key, row in keyed if self.owns(key)]
             if self.retrying:
-                page, records = self._first_sightings(page, records)
-                if not page:
-                    continue
+                keyed = self._first_sightings(keyed)
+            if not keyed:
+                continue
             last = self.io.state.last_sent(
-                self.mapping.stream,
-                [r.key for r in records if r.valid],
-                with_payload=with_payload,
+                stream, [key for key, _ in keyed], with_payload=with_payload
             )
-            for change, row in zip(changes(records, last), page, strict=True):
+            for key, row in keyed:
+                digest = row_fingerprint(row, self.salt)
+                previous = last.get(key)
+                duplicate = self._duplicate(key)
+                if shortcut and not duplicate and previous and previous.source == digest:
+                    cursor = row[n_keys] if self.mapping.cursor else None
+                    record = Record(key=key, cursor=cursor, payload=None)
+                    change = Change(kind="unchanged", record=record, hash=previous.hash)
+                else:
+                    record = self.transform(row)
+                    if duplicate:
+                        record = _duplicate_key(record)
+                    change = verdict(record, previous)
                 self._count(change)
-                yield change, list(row[:n_keys])
-            self.tally.read += len(page)
+                yield change, list(row[:n_keys]), digest
+            self.tally.read += len(keyed)
             if self.options.mode == "backfill":
-                self.checkpoints.append((self.seq, list(page[-1][:n_keys])))
+                self.checkpoints.append((self.seq, list(rows[-1][:n_keys])))
                 self._checkpoint()
             if self.io.progress:
-                self.io.progress(self.mapping.stream, self.tally.read, self.total)
+                self.io.progress(stream, self.tally.read, self.total)
 
     def _first_sightings(
-        self, page: list[tuple[Any, ...]], records: list[Record]
-    ) -> tuple[list[tuple[Any, ...]], list[Record]]:
+        self, keyed: list[tuple[str, tuple[Any, ...]]]
+    ) -> list[tuple[str, tuple[Any, ...]]]:
         """The page without rows of retried rejects already read in this run: sent
         twice, they would be rejected (and counted) twice, or delivered twice."""
         kept = []
-        for row, record in zip(page, records, strict=True):
-            if record.key in self.retrying:
-                if record.key in self.retried:
+        for key, row in keyed:
+            if key in self.retrying:
+                if key in self.retried:
                     continue
-                self.retried.add(record.key)
-            kept.append((row, record))
-        return [row for row, _ in kept], [record for _, record in kept]
+                self.retried.add(key)
+            kept.append((key, row))
+        return kept
 
     def owns(self, key: str) -> bool:
         return self.options.shard is None or self.options.shard.owns(key)
 
-    def _own(
-        self, page: list[tuple[Any, ...]], records: list[Record]
-    ) -> tuple[list[tuple[Any, ...]], list[Record]]:
-        """Only the rows whose key belongs to this shard."""
-        kept = [(row, r) for row, r in zip(page, records, strict=True) if self.owns(r.key)]
-        return [row for row, _ in kept], [r for _, r in kept]
-
-    def _dedupe(self, record: Record) -> Record:
+    def _duplicate(self, key: str) -> bool:
+        """Seen before in this run (only a `query:` source can repeat a key)."""
         if not self.check_duplicates:
-            return record
-        digest = hash(record.key)
+            return False
+        digest = hash(key)
         if digest in self.seen:
-            return Record(
-                key=record.key,
-                cursor=record.cursor,
-                payload=None,
-                reason="duplicate key: the query returned this key more than once in this "
-                "run — make `key` unique (only the first row was used)",
-            )
+            return True
         self.seen.add(digest)
-        return record
+        return False
 
     def _count(self, change: Change) -> None:
         tally = self.tally
@@ -477,7 +491,7 @@ class _Flow:
 
     def _outgoing(self, pages: Iterator[list[tuple[Any, ...]]]) -> Iterator[Outgoing]:
         send_unchanged = self.options.force
-        for change, key_values in self.changes(pages, with_payload=False):
+        for change, key_values, source_hash in self.changes(pages, with_payload=False):
             record = change.record
             if change.kind == "invalid" or (change.kind == "unchanged" and not send_unchanged):
                 if change.kind == "unchanged" and record.key in self.retrying:
@@ -499,7 +513,11 @@ class _Flow:
                 key=record.key,
                 event_id=eid,
                 body=body,
-                ref=_Ref(Sent(record.key, digest, record.canonical, eid), key_values, self.seq),
+                ref=_Ref(
+                    Sent(record.key, digest, record.canonical, eid, source_hash),
+                    key_values,
+                    self.seq,
+                ),
             )
 
     def _on_result(self, result: BatchResult) -> None:
@@ -507,7 +525,9 @@ class _Flow:
         rejected = [
             Rejected(o.key, o.ref.key_values, o.event_id, message) for o, message in result.rejected
         ]
-        self.io.state.commit_batch(self.mapping.stream, sent, rejected)
+        self.io.state.commit_batch(
+            self.mapping.stream, sent, rejected, clear_rejects=self.had_rejects
+        )
         for outgoing, message in result.rejected:
             self.tally.rejected += 1
             if len(self.tally.rejected_records) < MAX_LISTED:
@@ -540,7 +560,7 @@ class _Flow:
         limit = self.options.diff_limit
         tally = self.tally
         seen_keys: set[str] | None = set() if list_gone else None
-        for change, _ in self.changes(pages, with_payload=True):
+        for change, _, _ in self.changes(pages, with_payload=True):
             if seen_keys is not None:
                 seen_keys.add(change.record.key)
             if change.kind == "unchanged":
@@ -560,6 +580,16 @@ class _Flow:
                 tally.truncated += 1
             else:
                 tally.diff_records.append(DiffRecord(key=key, kind="gone"))
+
+
+def _duplicate_key(record: Record) -> Record:
+    return Record(
+        key=record.key,
+        cursor=record.cursor,
+        payload=None,
+        reason="duplicate key: the query returned this key more than once in this "
+        "run — make `key` unique (only the first row was used)",
+    )
 
 
 def _diff_record(change: Change) -> DiffRecord:

@@ -62,6 +62,7 @@ records_table = sa.Table(
     sa.Column("stream", sa.String(200), primary_key=True),
     sa.Column("key", sa.Text, primary_key=True),
     sa.Column("hash", sa.String(32), nullable=False),
+    sa.Column("source_hash", sa.String(32)),  # digest of the source row, to skip transform
     sa.Column("payload", sa.Text, nullable=False),  # canonical JSON last sent
     sa.Column("event_id", sa.String(36), nullable=False),
     sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
@@ -102,6 +103,7 @@ class Sent(NamedTuple):
     hash: str
     payload: bytes
     event_id: str
+    source_hash: str | None = None  # diff.row_fingerprint() of the row it came from
 
 
 class Rejected(NamedTuple):
@@ -183,7 +185,9 @@ class StateStore:
                 )
             else:
                 _create_private(Path(path))
-                engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+                # A pooled connection: closing the last connection of a WAL
+                # database checkpoints it, which would cost a checkpoint a batch.
+                engine = sa.create_engine(url)
                 sa.event.listen(engine, "connect", _sqlite_pragmas)
         elif parsed.get_backend_name() == "postgresql":
             engine = sa.create_engine(url, pool_pre_ping=True)
@@ -402,20 +406,29 @@ class StateStore:
     def last_sent(
         self, stream: str, keys: Sequence[str], *, with_payload: bool = False
     ) -> dict[str, LastSent]:
-        """What was last sent for these keys: one query per page of keys."""
+        """What was last sent for these keys: one query per page of keys.
+
+        Driver-level SQL: this runs once per page on the hot path, and building
+        a 5,000-item IN with SQLAlchemy costs more than the query itself.
+        """
         if self._engine is None or not keys:
             return {}
-        columns = [records_table.c.key, records_table.c.hash]
-        if with_payload:
-            columns.append(records_table.c.payload)
-        query = sa.select(*columns).where(
-            records_table.c.stream == stream, records_table.c.key.in_(keys)
-        )
+        columns = "key, hash, source_hash, payload" if with_payload else "key, hash, source_hash"
         with self._begin() as conn:
-            rows = conn.execute(query).all()
+            if conn.dialect.name == "postgresql":
+                rows = conn.exec_driver_sql(
+                    f"SELECT {columns} FROM etl_records WHERE stream = %s AND key = ANY(%s)",
+                    (stream, list(keys)),
+                ).fetchall()
+            else:
+                marks = ",".join("?" * len(keys))
+                rows = conn.exec_driver_sql(
+                    f"SELECT {columns} FROM etl_records WHERE stream = ? AND key IN ({marks})",
+                    (stream, *keys),
+                ).fetchall()
         if with_payload:
-            return {r[0]: LastSent(r[1], r[2].encode()) for r in rows}
-        return {r[0]: LastSent(r[1]) for r in rows}
+            return {r[0]: LastSent(r[1], r[3].encode(), r[2]) for r in rows}
+        return {r[0]: LastSent(r[1], None, r[2]) for r in rows}
 
     def sent_keys(self, stream: str) -> Iterator[str]:
         """Every key ever acknowledged for a stream (for `diff --full`'s "gone")."""
@@ -429,34 +442,29 @@ class StateStore:
                 yield row[0]
 
     def commit_batch(
-        self, stream: str, sent: Sequence[Sent], rejected: Sequence[Rejected] = ()
+        self,
+        stream: str,
+        sent: Sequence[Sent],
+        rejected: Sequence[Rejected] = (),
+        *,
+        clear_rejects: bool = True,
     ) -> None:
-        """Record one acknowledged batch in one transaction."""
+        """Record one acknowledged batch in one transaction.
+
+        `clear_rejects=False` says no reject of this stream can be among `sent`
+        (none was pending when the stream started), which saves a DELETE a batch.
+        """
         now = _now()
         with self._begin() as conn:
             if sent:
-                _upsert(
-                    conn,
-                    records_table,
-                    [
-                        {
-                            "stream": stream,
-                            "key": s.key,
-                            "hash": s.hash,
-                            "payload": s.payload.decode(),
-                            "event_id": s.event_id,
-                            "sent_at": now,
-                        }
-                        for s in sent
-                    ],
-                    ["stream", "key"],
-                )
-                conn.execute(
-                    sa.delete(rejects_table).where(
-                        rejects_table.c.stream == stream,
-                        rejects_table.c.key.in_([s.key for s in sent]),
+                _upsert_records(conn, stream, sent, now)
+                if clear_rejects:
+                    conn.execute(
+                        sa.delete(rejects_table).where(
+                            rejects_table.c.stream == stream,
+                            rejects_table.c.key.in_([s.key for s in sent]),
+                        )
                     )
-                )
             for r in rejected:
                 self._reject(conn, stream, r, now)
 
@@ -650,6 +658,33 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+
+
+_UPSERT_RECORDS = (
+    "INSERT INTO etl_records (stream, key, hash, source_hash, payload, event_id, sent_at) "
+    "VALUES ({marks}) ON CONFLICT (stream, key) DO UPDATE SET hash = excluded.hash, "
+    "source_hash = excluded.source_hash, payload = excluded.payload, "
+    "event_id = excluded.event_id, sent_at = excluded.sent_at"
+)
+
+
+def _upsert_records(conn: Connection, stream: str, sent: Sequence[Sent], now: dt.datetime) -> None:
+    """The per-batch upsert, at driver level: SQLAlchemy's per-row parameter
+    processing cost more than SQLite's insert itself."""
+    if conn.dialect.name == "postgresql":
+        sql = _UPSERT_RECORDS.format(marks=", ".join(["%s"] * 7))
+        stamp: Any = now
+    else:
+        sql = _UPSERT_RECORDS.format(marks=", ".join(["?"] * 7))
+        # the text form SQLAlchemy's SQLite DateTime reads back
+        stamp = now.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    conn.exec_driver_sql(
+        sql,
+        [
+            (stream, s.key, s.hash, s.source_hash, s.payload.decode(), s.event_id, stamp)
+            for s in sent
+        ],
+    )
 
 
 def _upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]], keys: list[str]) -> None:

@@ -11,10 +11,10 @@ bad data (SPEC §4: one bad row never stops a run).
 from __future__ import annotations
 
 import datetime as dt
-import functools
+import hashlib
 import math
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -22,16 +22,31 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from etl.model import MAX_EVENT_BYTES, REQUIRED_TRAITS, Field, Mapping, Record, TraitType
+from etl.model import (
+    MAX_EVENT_BYTES,
+    REQUIRED_TRAITS,
+    Field,
+    Mapping,
+    Record,
+    TraitType,
+    Unrepresentable,
+)
 
 # Namespace of every event_id (a fixed random UUID: ids must never change).
 EVENT_NAMESPACE = uuid.UUID("6f1c1a52-3c0e-4f43-9a43-1d2f6b7e0c11")
+_NAMESPACE_BYTES = EVENT_NAMESPACE.bytes
+# Bump when a change here can map the same row to a different payload: stored
+# row digests are salted with it, so every row is transformed again once.
+TRANSFORM_VERSION = 1
 # Doubles represent integers exactly only up to 2**53 (JavaScript's Number).
 MAX_SAFE_INTEGER = 2**53 - 1
 # Python refuses int <-> str conversions past this many digits (ValueError, 3.11+).
 MAX_INT_DIGITS = 4300
 
 UTC = dt.UTC
+_ZERO = dt.timedelta(0)
+# The objects that mean UTC: ZoneInfo caches its instances, so identity works.
+_UTC_ZONES = (UTC, ZoneInfo("UTC"))
 
 
 class Invalid(ValueError):
@@ -60,9 +75,19 @@ def canonical(payload: dict[str, Any]) -> bytes:
 
 
 def event_id(*, workspace_key: str, event_type: str, key: str, payload_hash: str) -> str:
-    """SPEC §2: UUIDv5 over (workspace_key, event_type, record key, payload hash)."""
+    """SPEC §2: UUIDv5 over (workspace_key, event_type, record key, payload hash).
+
+    The same bytes as `uuid.uuid5`, without building UUID objects: this runs
+    once per event sent.
+    """
     name = "\x1f".join((workspace_key, event_type, key, payload_hash))
-    return str(uuid.uuid5(EVENT_NAMESPACE, name))
+    digest = bytearray(
+        hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()[:16]
+    )
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def to_event(payload: dict[str, Any], *, event_id: str, context: EventContext) -> bytes:
@@ -89,11 +114,21 @@ def to_event(payload: dict[str, Any], *, event_id: str, context: EventContext) -
 
 
 def _utc_text(value: dt.datetime, tz: dt.tzinfo) -> str:
-    aware = value if value.tzinfo is not None else value.replace(tzinfo=tz)
-    try:
-        utc = aware.astimezone(UTC)
-    except OverflowError as exc:
-        raise Invalid(f"datetime {value.isoformat()} is out of range in UTC") from exc
+    zone = value.tzinfo
+    # Fast paths for values already in UTC, the common case (isoformat is C code):
+    # isoformat writes the fraction only when non-zero, and years as four digits.
+    if zone is None and tz in _UTC_ZONES:
+        return value.isoformat() + "Z"
+    if zone in _UTC_ZONES:
+        return value.isoformat()[:-6] + "Z"  # drop "+00:00"
+    aware = value if zone is not None else value.replace(tzinfo=tz)
+    if aware.utcoffset() == _ZERO:
+        utc = aware  # already UTC: the common case, and astimezone() is not free
+    else:
+        try:
+            utc = aware.astimezone(UTC)
+        except OverflowError as exc:
+            raise Invalid(f"datetime {value.isoformat()} is out of range in UTC") from exc
     # not strftime: glibc writes year 1 as "1", not "0001"
     text = f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc:%H:%M:%S}"
     if utc.microsecond:
@@ -122,7 +157,7 @@ def as_datetime(value: Any, tz: dt.tzinfo) -> str:
             return _utc_text(dt.datetime.fromtimestamp(float(_finite(value)), UTC), tz)
         except (OverflowError, OSError, ValueError) as exc:
             raise Invalid(f"{_brief(value)} is not a valid epoch timestamp") from exc
-    raise Invalid(f"{type(value).__name__} value cannot be a datetime")
+    raise _cannot(value, "a datetime")
 
 
 def as_date(value: Any, tz: dt.tzinfo) -> str:
@@ -140,7 +175,20 @@ def as_date(value: Any, tz: dt.tzinfo) -> str:
             return dt.date.fromisoformat(value.strip()[:10]).isoformat()
         except ValueError as exc:
             raise Invalid(f"{value[:40]!r} is not a YYYY-MM-DD date") from exc
-    raise Invalid(f"{type(value).__name__} value cannot be a date")
+    raise _cannot(value, "a date")
+
+
+def _cannot(value: Any, what: str) -> Invalid:
+    """Why `value` (of a type no branch took) cannot be `what`."""
+    if isinstance(value, Unrepresentable):
+        # PostgreSQL's ±infinity: psycopg cannot load it, etl.sourcedb reads it as this
+        return Invalid(
+            f"{value.type_name} {value.text!r} has no ISO-8601 form — store a real value"
+            ' or NULL, or map it with sql: "CASE WHEN isfinite(col) THEN col END"'
+        )
+    if what == "an array":
+        return Invalid(f"{type(value).__name__} value is not an array")
+    return Invalid(f"{type(value).__name__} value cannot be {what}")
 
 
 def _finite(value: float | Decimal) -> float | Decimal:
@@ -195,7 +243,7 @@ def as_number(value: Any, tz: dt.tzinfo) -> int | float:
             return as_number(Decimal(value.strip()), tz)
         except InvalidOperation as exc:
             raise Invalid(f"{value[:40]!r} is not a number") from exc
-    raise Invalid(f"{type(value).__name__} value cannot be a number")
+    raise _cannot(value, "a number")
 
 
 def as_integer(value: Any, tz: dt.tzinfo) -> int:
@@ -220,6 +268,8 @@ def as_boolean(value: Any, tz: dt.tzinfo) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
+    if isinstance(value, Unrepresentable):
+        raise _cannot(value, "a boolean")
     raise Invalid(f"{_brief(value)[:40]!r} is not a boolean")
 
 
@@ -245,7 +295,7 @@ def as_text(value: Any, tz: dt.tzinfo, encoding: str | None = None) -> str:
         return _utc_text(value, tz)
     if isinstance(value, dt.date | dt.time):
         return value.isoformat()
-    raise Invalid(f"{type(value).__name__} value cannot be text")
+    raise _cannot(value, "text")
 
 
 def _whole_text(value: int | Decimal, tz: dt.tzinfo) -> str:
@@ -265,6 +315,8 @@ def _whole_text(value: int | Decimal, tz: dt.tzinfo) -> str:
 def _clean_text(text: str) -> str:
     if "\x00" in text:
         raise Invalid("text contains a NUL character")
+    if text.isascii():  # O(1) for most strings: no surrogates possible
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -281,7 +333,7 @@ def as_string_array(value: Any, tz: dt.tzinfo) -> list[str]:
         except orjson.JSONDecodeError as exc:
             raise Invalid(f"{value[:40]!r} is not a JSON array") from exc
     if not isinstance(items, list | tuple):
-        raise Invalid(f"{type(items).__name__} value is not an array")
+        raise _cannot(items, "an array")
     out: list[str] = []
     for index, item in enumerate(items):
         if item is None:
@@ -342,6 +394,8 @@ def record_key(values: Sequence[Any]) -> str:
 
 
 def _key_part(value: Any) -> str:
+    if type(value) is str and value.isascii():  # the common case, on every row read
+        return value
     if isinstance(value, bytes | memoryview):
         return bytes(value).hex()
     try:
@@ -353,13 +407,11 @@ def _key_part(value: Any) -> str:
 
 
 def make_transformer(mapping: Mapping, context: EventContext) -> Callable[[Sequence[Any]], Record]:
-    """`to_record` bound to one stream: its time zone and its payload size budget."""
-    return functools.partial(
-        to_record,
-        mapping=mapping,
-        tz=ZoneInfo(mapping.timezone),
-        max_payload_bytes=MAX_EVENT_BYTES - context.envelope_bytes(),
+    """`to_record` compiled for one stream: its fields, time zone and size budget."""
+    compiled = _Compiled(
+        mapping, ZoneInfo(mapping.timezone), MAX_EVENT_BYTES - context.envelope_bytes()
     )
+    return compiled.record
 
 
 def to_record(
@@ -370,57 +422,123 @@ def to_record(
     max_payload_bytes: int = MAX_EVENT_BYTES,
 ) -> Record:
     """One row as a Record: valid with its payload, or invalid with the reason."""
-    n_keys = len(mapping.key)
-    key_values = row[:n_keys]
-    key = record_key(key_values)
-    cursor = row[n_keys] if mapping.cursor else None
-    if any(v is None for v in key_values):
-        return Record(key=key, cursor=cursor, payload=None, reason="key column is NULL")
-    values = iter(row[n_keys + (1 if mapping.cursor else 0) :])
-    payload: dict[str, Any] = {"anonymous_id": ""}
-    traits: dict[str, Any] = {}
-    field = mapping.user_id
-    try:
-        for field in mapping.id_fields:
-            value = _field_value(_raw(field, values), field, tz, is_id=True)
-            if value is not None:
-                payload[field.name] = value
-        for field in mapping.traits:
-            value = _field_value(_raw(field, values), field, tz)
-            if value is not None or not field.omit_null:
-                traits[field.name] = value
-    except Invalid as exc:
-        return Record(key=key, cursor=cursor, payload=None, reason=f"{field.name}: {exc}")
-    payload["traits"] = traits
-    reason = _missing(payload, mapping)
-    if reason:
-        return Record(key=key, cursor=cursor, payload=None, reason=reason)
-    body = canonical(payload)
-    if len(body) > max_payload_bytes:
-        # the budget is the event limit less the envelope: add it back to name the event's size
-        size = len(body) + MAX_EVENT_BYTES - max_payload_bytes
-        return Record(
-            key=key,
-            cursor=cursor,
-            payload=None,
-            reason=f"event is {size:,} bytes, over the 32 KB limit — drop or trim big traits",
-        )
-    return Record(key=key, cursor=cursor, payload=payload, canonical=body)
+    return _Compiled(mapping, tz, max_payload_bytes).record(row)
 
 
-def _raw(field: Field, values: Iterator[Any]) -> Any:
-    return field.value if field.kind == "const" else next(values)
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """Where one field's value sits in the row (or its constant), and how to convert it."""
+
+    name: str
+    index: int  # position in the row; -1 for a constant
+    const: Any
+    default: Any
+    convert: Callable[[Any], Any]  # a non-NULL raw value -> what is sent; raises Invalid
+    keep_null: bool  # a trait with omit_null: false
 
 
-def _field_value(raw: Any, field: Field, tz: dt.tzinfo, *, is_id: bool = False) -> Any:
-    if raw is None:
-        raw = field.default
-    if raw is None:
-        return None
+class _Compiled:
+    """A mapping turned into slots once, so each row costs a loop, not a lookup
+    of every field's kind, type and converter (this runs once per row read)."""
+
+    def __init__(self, mapping: Mapping, tz: dt.tzinfo, max_payload_bytes: int) -> None:
+        self.mapping = mapping
+        self.max_payload_bytes = max_payload_bytes
+        self.n_keys = len(mapping.key)
+        self.has_cursor = bool(mapping.cursor)
+        position = self.n_keys + (1 if mapping.cursor else 0)
+        slots: list[_Slot] = []
+        for field in (*mapping.id_fields, *mapping.traits):
+            index = -1
+            if field.kind != "const":
+                index, position = position, position + 1
+            slots.append(
+                _Slot(
+                    name=field.name,
+                    index=index,
+                    const=field.value if field.kind == "const" else None,
+                    default=field.default,
+                    convert=_converter(field, tz, is_id=len(slots) < len(mapping.id_fields)),
+                    keep_null=not field.omit_null,
+                )
+            )
+        self.id_slots = tuple(slots[: len(mapping.id_fields)])
+        self.trait_slots = tuple(slots[len(mapping.id_fields) :])
+
+    def record(self, row: Sequence[Any]) -> Record:
+        key_values = row[: self.n_keys]
+        key = record_key(key_values)
+        cursor = row[self.n_keys] if self.has_cursor else None
+        if None in key_values:
+            return Record(key=key, cursor=cursor, payload=None, reason="key column is NULL")
+        payload: dict[str, Any] = {"anonymous_id": ""}
+        traits: dict[str, Any] = {}
+        slot = self.id_slots[0]
+        try:
+            for slot in self.id_slots:
+                raw = row[slot.index] if slot.index >= 0 else slot.const
+                if raw is None:
+                    raw = slot.default
+                if raw is not None:
+                    payload[slot.name] = slot.convert(raw)
+            for slot in self.trait_slots:
+                raw = row[slot.index] if slot.index >= 0 else slot.const
+                if raw is None:
+                    raw = slot.default
+                if raw is not None:
+                    traits[slot.name] = slot.convert(raw)
+                elif slot.keep_null:
+                    traits[slot.name] = None
+        except Invalid as exc:
+            return Record(key=key, cursor=cursor, payload=None, reason=f"{slot.name}: {exc}")
+        payload["traits"] = traits
+        reason = _missing(payload, self.mapping)
+        if reason:
+            return Record(key=key, cursor=cursor, payload=None, reason=reason)
+        body = canonical(payload)
+        if len(body) > self.max_payload_bytes:
+            # the budget is the event limit less the envelope: add it back to name the event's size
+            size = len(body) + MAX_EVENT_BYTES - self.max_payload_bytes
+            return Record(
+                key=key,
+                cursor=cursor,
+                payload=None,
+                reason=f"event is {size:,} bytes, over the 32 KB limit — drop or trim big traits",
+            )
+        return Record(key=key, cursor=cursor, payload=payload, canonical=body)
+
+
+def _converter(field: Field, tz: dt.tzinfo, *, is_id: bool) -> Callable[[Any], Any]:
+    """The function that turns one non-NULL value of this field into what is sent."""
+    typed = _typed(field, tz) if field.type is not None else None
     if is_id:
         # SPEC §2: ids and url are strings whatever type the mapping reads them as
-        return as_text(raw if field.type is None else coerce(raw, field, tz), tz)
-    return coerce(raw, field, tz)
+        if typed is None:
+            return lambda raw: as_text(raw, tz)
+        return lambda raw: as_text(typed(raw), tz)
+    return typed if typed is not None else _inferrer(tz)
+
+
+def _typed(field: Field, tz: dt.tzinfo) -> Callable[[Any], Any]:
+    if field.type == "text" and field.encoding:
+        encoding = field.encoding
+        return lambda raw: as_text(raw, tz, encoding)
+    function = COERCE[field.type]  # type: ignore[index]
+    return lambda raw: function(raw, tz)
+
+
+def _inferrer(tz: dt.tzinfo) -> Callable[[Any], Any]:
+    """`infer` with the two commonest exact types first (text and timestamps)."""
+
+    def convert(raw: Any) -> Any:
+        kind = type(raw)
+        if kind is str:
+            return _clean_text(raw)
+        if kind is dt.datetime:
+            return _utc_text(raw, tz)
+        return infer(raw, tz)
+
+    return convert
 
 
 def _missing(payload: dict[str, Any], mapping: Mapping) -> str | None:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import re
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl.diff import ABSENT, LastSent, changes, field_changes, fingerprint
+from etl.diff import ABSENT, LastSent, changes, field_changes, fingerprint, row_fingerprint
 from etl.model import Record
 from etl.transform import canonical
 
@@ -260,3 +262,34 @@ def test_verdicts_and_field_changes_agree_with_canonical_json(
     for name, (old, new) in fields.items():
         sides = [side if side is ABSENT else canonical({"v": side}) for side in (old, new)]
         assert sides[0] != sides[1], name
+
+
+# ---------------------------------------------------------------- row digests
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ((1, None), (1, float("nan"))),
+        ((1, 1), (1, 1.0)),
+        ((1, 1), (1, True)),
+        ((1, "1"), (1, 1)),
+        ((dt.datetime(2024, 1, 1),), (dt.datetime(2024, 1, 1, tzinfo=dt.UTC),)),
+        ((Decimal("1.0"),), (Decimal("1.00"),)),
+        ((b"ab",), ("6162",)),
+        ((["a", "b"],), (["a,b"],)),
+        ((2**70,), (2**70 + 1,)),
+    ],
+)
+def test_row_digests_tell_apart_rows_that_could_map_differently(
+    a: tuple[Any, ...], b: tuple[Any, ...]
+) -> None:
+    """Values JSON would confuse (NaN and NULL, 1 and 1.0 and true) get different digests."""
+    assert row_fingerprint(a, b"salt") != row_fingerprint(b, b"salt")
+
+
+def test_row_digests_are_stable_and_salted() -> None:
+    """The same row gives the same digest; another mapping (salt) gives another."""
+    row = ("k1", dt.datetime(2024, 1, 1, tzinfo=dt.UTC), {"plan": "pro"}, [1, 2], None, True)
+    assert row_fingerprint(row, b"m1") == row_fingerprint(tuple(row), b"m1")
+    assert row_fingerprint(row, b"m1") != row_fingerprint(row, b"m2")
