@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -104,11 +106,15 @@ def build_query(
     lower: Any = None,
     after: Sequence[Any] | None = None,
     limit: int | None = DEFAULT_PAGE_SIZE,
+    null_keys: bool = False,
 ) -> sa.Select[Any]:
     """One keyset page: rows past `after`, ordered by (cursor, key) or by key.
 
     `lower` bounds the cursor from below (closed: timestamps are not unique,
-    and the watermark's own instant must be re-read).
+    and the watermark's own instant must be re-read). Pages hold no row with a
+    NULL key column: no keyset position passes a NULL (`k > NULL` is never
+    true), so one at the end of a page would hide every row after it.
+    `null_keys=True` selects those rows instead (invalid records, read apart).
     """
     keys = [src.c[k] for k in mapping.key]
     cursor = src.c[mapping.cursor] if mapping.cursor else None
@@ -125,6 +131,10 @@ def build_query(
     query = sa.select(*selected).select_from(src)
     if mapping.source.where:
         query = query.where(raw_sql(f"({mapping.source.where}\n)"))
+    if null_keys:
+        query = query.where(sa.or_(*(k.is_(None) for k in keys)))
+    else:
+        query = query.where(*(k.is_not(None) for k in keys))
     position = [*keys] if order == "key" else [cursor, *keys]
     if order == "cursor":
         if cursor is None:
@@ -158,18 +168,81 @@ def read_pages(
     after: Sequence[Any] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """Stream the stream's rows page by page (never OFFSET, never all at once)."""
+    """Stream the stream's rows page by page (never OFFSET, never all at once);
+    rows with a NULL key (invalid records) come last, streamed by the driver."""
     n_keys = len(mapping.key)
     while True:
         query = build_query(mapping, src, order=order, lower=lower, after=after, limit=page_size)
         rows = _fetch_page(_execute(conn, mapping, query))
-        if not rows:
-            return
-        yield rows
+        if rows:
+            yield rows
         if len(rows) < page_size:
-            return
+            break
         last = rows[-1]
         after = last[:n_keys] if order == "key" else (last[n_keys], *last[:n_keys])
+    query = build_query(mapping, src, order=order, lower=lower, limit=None, null_keys=True)
+    result = _execute(conn, mapping, query.execution_options(yield_per=page_size))
+    try:
+        for partition in result.partitions():
+            yield [tuple(row) for row in partition]
+    finally:
+        result.close()
+
+
+_Page = TypeVar("_Page")
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Raised:
+    error: BaseException
+
+
+def prefetch(pages: Iterator[_Page]) -> Iterator[_Page]:
+    """`pages`, with the next page read in a thread while the caller works on this one.
+
+    The database (another process, often another core) and the driver's
+    network wait overlap with transform, diff and send. At most one page waits
+    in the queue, so memory stays at about three pages. The thread is the only
+    user of the connection until it has stopped; closing this generator early
+    stops and joins it.
+    """
+    slot: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def offer(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slot.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for page in pages:
+                if not offer(page):
+                    return
+            offer(_END)
+        except BaseException as exc:  # handed to the caller's thread, raised there
+            offer(_Raised(exc))
+
+    worker = threading.Thread(target=read, name="etl-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = slot.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+        if isinstance(pages, Generator):
+            pages.close()
 
 
 def read_keys(
@@ -283,7 +356,9 @@ def cursor_kind(conn: Connection, mapping: Mapping, src: sa.FromClause) -> str |
     if not mapping.cursor:
         return None
     column = src.c[mapping.cursor]
-    sample = conn.execute(sa.select(column).where(column.is_not(None)).limit(1)).scalar()
+    # the first query of a stream: a missing table or column is named here
+    query = sa.select(column).where(column.is_not(None)).limit(1)
+    sample = _execute(conn, mapping, query).scalar()
     if sample is None:
         return None
     return "integer" if isinstance(sample, int) and not isinstance(sample, bool) else "datetime"
@@ -307,7 +382,8 @@ def safe_horizon(
         return Horizon(value=None)
     if kind == "integer":
         column = src.c[mapping.cursor]  # type: ignore[index]
-        return Horizon(value=int(conn.execute(sa.select(sa.func.max(column))).scalar_one()))
+        top = _execute(conn, mapping, sa.select(sa.func.max(column))).scalar_one()
+        return Horizon(value=int(top))
     dialect = conn.dialect.name
     if dialect == "postgresql":
         return _postgres_horizon(conn, max_transaction_age)

@@ -335,8 +335,10 @@ def _pages(
 ) -> Iterator[list[tuple[Any, ...]]]:
     """Rows to consider: earlier rejects first (re-read by key), then the pages."""
     if plan.order == "key":
-        yield from extract.read_pages(
-            conn, mapping, src, order="key", after=after, page_size=options.page_size
+        yield from extract.prefetch(
+            extract.read_pages(
+                conn, mapping, src, order="key", after=after, page_size=options.page_size
+            )
         )
         return
     keys = [orjson.loads(r["key_values"]) for r in state.rejected(mapping.stream)]
@@ -347,8 +349,10 @@ def _pages(
     lower = (
         extract.lower_bound(conn, mapping, plan.since, now=now) if plan.since is not None else None
     )
-    yield from extract.read_pages(
-        conn, mapping, src, order="cursor", lower=lower, page_size=options.page_size
+    yield from extract.prefetch(
+        extract.read_pages(
+            conn, mapping, src, order="cursor", lower=lower, page_size=options.page_size
+        )
     )
 
 
