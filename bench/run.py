@@ -47,8 +47,9 @@ table shows "failed"); a FAIL target alone does not change it (the targets are
 a report, not a gate — SPEC §8), unless BENCH_STRICT=1.
 
 The receiver is part of the measurement for both sides: it parses,
-validates and stores every event in SQLite (~50 µs of CPU per event, about
-20,000 events/s on one core), on the same machine.
+validates and stores every event in SQLite (30-40 µs of CPU per event plus
+~0.6 s to start; see `rx CPU s`) on the same machine, so on a small machine
+it competes with the measured process for the CPUs.
 """
 
 from __future__ import annotations

@@ -314,11 +314,18 @@ def _source(url: str) -> Iterator[Engine]:
         raise UsageError("no source database — pass --source URL or set ETL_SOURCE_URL")
     try:
         engine = extract.create_source_engine(url)
-    except (sa.exc.ArgumentError, ImportError) as exc:
+    except (sa.exc.ArgumentError, ImportError, ValueError) as exc:  # ValueError: a bad port
         raise UsageError(
             f"--source: {exc} — use a SQLAlchemy URL such as "
             "postgresql+psycopg://user@host/db, mysql+pymysql://user@host/db or sqlite:///app.db"
         ) from None
+    database = engine.url.database or ""
+    if engine.dialect.name == "sqlite" and _missing_file(database):
+        engine.dispose()
+        # SQLite would create an empty database there: every table "missing"
+        raise SourceError(
+            f"source {url}: no such file {database} — check --source / ETL_SOURCE_URL"
+        )
     # ±infinity timestamps, invalid UTF-8: invalid records, not a failed read
     sourcedb.install(engine)
     try:
@@ -336,6 +343,15 @@ def _source(url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+def _missing_file(database: str) -> bool:
+    """A SQLite database path (not `:memory:`, not a `file:` URI) with no file there."""
+    return (
+        database not in ("", ":memory:")
+        and not database.startswith("file:")
+        and not Path(database).is_file()
+    )
 
 
 @contextlib.contextmanager

@@ -383,7 +383,14 @@ def safe_horizon(
     if kind == "integer":
         column = src.c[mapping.cursor]  # type: ignore[index]
         top = _execute(conn, mapping, sa.select(sa.func.max(column))).scalar_one()
-        return Horizon(value=int(top))
+        if not isinstance(top, int) or isinstance(top, bool):
+            # SQLite keeps any type in any column: integers and text in one cursor
+            raise SourceError(
+                f"{mapping.path}: cursor: {mapping.cursor} holds integers and also "
+                f"{type(top).__name__} values such as {str(top)[:40]!r} — a cursor must be all "
+                "timestamps or all integers: fix those rows, or map another cursor"
+            )
+        return Horizon(value=top)
     dialect = conn.dialect.name
     if dialect == "postgresql":
         return _postgres_horizon(conn, max_transaction_age)

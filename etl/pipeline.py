@@ -495,12 +495,17 @@ class _Flow:
 
     def _outgoing(self, pages: Iterator[list[tuple[Any, ...]]]) -> Iterator[Outgoing]:
         send_unchanged = self.options.force
+        stop = self.io.stop
         for change, key_values, source_hash in self.changes(pages, with_payload=False):
             record = change.record
             if change.kind == "invalid" or (change.kind == "unchanged" and not send_unchanged):
                 if change.kind == "unchanged" and record.key in self.retrying:
                     self.unchanged_rejects.add(record.key)
                 continue
+            if stop.is_set():
+                # A signal: queue nothing more, not even the rest of this page (a pod
+                # has ~30 s of grace); the batches in flight finish, run_stream raises.
+                return
             # changes() yields new/changed/unchanged only for valid records
             assert record.payload is not None  # noqa: S101
             assert record.canonical is not None  # noqa: S101

@@ -31,11 +31,12 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
 from etl.diff import LastSent
-from etl.errors import LockedError, StateError
+from etl.errors import LockedError, StateError, UsageError
 from etl.extract import Watermark
 from etl.model import Shard
 
-SCHEMA_VERSION = 1
+# 1: first release. 2: etl_records.source_hash (row digests that skip transform).
+SCHEMA_VERSION = 2
 UTC = dt.UTC
 
 metadata = sa.MetaData()
@@ -66,6 +67,9 @@ records_table = sa.Table(
     sa.Column("payload", sa.Text, nullable=False),  # canonical JSON last sent
     sa.Column("event_id", sa.String(36), nullable=False),
     sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+    # SQLite: cluster rows on (stream, key) instead of a rowid table plus a PK
+    # index, so each upsert writes one B-tree, not two.
+    sqlite_with_rowid=False,
 )
 rejects_table = sa.Table(
     "etl_rejects",
@@ -168,6 +172,15 @@ class StateStore:
                 f"state store {_safe_url(url)}: cannot open it: {_first_line(exc.orig)} "
                 "— check --state / ETL_STATE_URL, or move a corrupted file aside"
             ) from None
+        except OSError as exc:  # creating the file: a parent that is a file, no permission
+            raise StateError(
+                f"state store {_safe_url(url)}: cannot create the file ({exc.strerror}: "
+                f"{exc.filename}) — point --state / ETL_STATE_URL at a writable directory"
+            ) from None
+        except (sa.exc.ArgumentError, ValueError) as exc:  # ValueError: a bad port
+            raise UsageError(
+                f"--state: {exc} — use sqlite:///PATH or postgresql+psycopg://user@host/db"
+            ) from None
 
     # ------------------------------------------------------------ opening
 
@@ -205,7 +218,14 @@ class StateStore:
 
     def _check_schema(self, engine: Engine) -> None:
         with engine.connect() as conn:
-            has_meta = sa.inspect(conn).has_table("etl_meta")
+            inspector = sa.inspect(conn)
+            foreign = _foreign_table(inspector)
+            if foreign:
+                raise StateError(
+                    f"state store {_safe_url(self.url)}: {foreign} — point --state / "
+                    "ETL_STATE_URL at a database (or file) of its own"
+                )
+            has_meta = inspector.has_table("etl_meta")
             if not has_meta and self.readonly:
                 raise _EmptyStore
             if has_meta:
@@ -218,12 +238,19 @@ class StateStore:
                         f"{version}, this etl knows {SCHEMA_VERSION}) — upgrade etl, or point "
                         "--state at a fresh store"
                     )
+                if self.readonly and version is not None and int(version) < SCHEMA_VERSION:
+                    raise StateError(
+                        f"state store {_safe_url(self.url)}: written by an older etl (schema "
+                        f"{version}) and a dry run does not write — run `etl sync` once to "
+                        "upgrade it in place"
+                    )
         if not self.readonly:
             with engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
                     # two first runs at once: one creates the tables, the other waits
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_KEY})
                 metadata.create_all(conn)
+                _migrate(conn)
                 _upsert(
                     conn,
                     meta_table,
@@ -416,16 +443,18 @@ class StateStore:
         columns = "key, hash, source_hash, payload" if with_payload else "key, hash, source_hash"
         with self._begin() as conn:
             if conn.dialect.name == "postgresql":
-                rows = conn.exec_driver_sql(
+                result = conn.exec_driver_sql(
                     f"SELECT {columns} FROM etl_records WHERE stream = %s AND key = ANY(%s)",
                     (stream, list(keys)),
-                ).fetchall()
+                )
             else:
                 marks = ",".join("?" * len(keys))
-                rows = conn.exec_driver_sql(
+                result = conn.exec_driver_sql(
                     f"SELECT {columns} FROM etl_records WHERE stream = ? AND key IN ({marks})",
                     (stream, *keys),
-                ).fetchall()
+                )
+            rows = result.cursor.fetchall()  # the driver's tuples, no Row objects
+            result.close()
         if with_payload:
             return {r[0]: LastSent(r[1], r[3].encode(), r[2]) for r in rows}
         return {r[0]: LastSent(r[1], None, r[2]) for r in rows}
@@ -624,6 +653,23 @@ def _holder_name(shard: Shard | None) -> str:
     return f"lock_holder {shard.label}" if shard else "lock_holder"
 
 
+def _foreign_table(inspector: sa.Inspector) -> str | None:
+    """Why a table named like one of ours is not ours (another tool's `etl_runs`),
+    or None. Checked before anything is written, so nothing is sent either."""
+    existing = set(inspector.get_table_names())
+    for table in metadata.sorted_tables:
+        if table.name in existing:
+            have = {column["name"] for column in inspector.get_columns(table.name)}
+            missing = [
+                column.name
+                for column in table.columns
+                if column.name not in have and (table.name, column.name) not in _MIGRATED
+            ]
+            if missing:
+                return f"table {table.name} is not etl's (no column {', '.join(missing)})"
+    return None
+
+
 class _EmptyStore(Exception):
     """A read-only open of a store that has no tables yet."""
 
@@ -666,6 +712,21 @@ _UPSERT_RECORDS = (
     "source_hash = excluded.source_hash, payload = excluded.payload, "
     "event_id = excluded.event_id, sent_at = excluded.sent_at"
 )
+
+
+# Columns added after schema 1: (table, column) -> their SQL type.
+_MIGRATED = {
+    ("etl_records", "source_hash"): "VARCHAR(32)",
+    ("etl_runs", "shard"): "VARCHAR(32)",
+}
+
+
+def _migrate(conn: Connection) -> None:
+    """Bring a store written by an older etl up to SCHEMA_VERSION, in place."""
+    inspector = sa.inspect(conn)
+    for (table, column), sql_type in _MIGRATED.items():
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
 
 def _upsert_records(conn: Connection, stream: str, sent: Sequence[Sent], now: dt.datetime) -> None:

@@ -326,6 +326,10 @@ def _clean_text(text: str) -> str:
 
 
 def as_string_array(value: Any, tz: dt.tzinfo) -> list[str]:
+    if type(value) is list and all(
+        type(v) is str and v.isascii() and "\x00" not in v for v in value
+    ):
+        return value  # a jsonb/array column of plain text: nothing to convert
     items = value
     if isinstance(value, str):
         try:

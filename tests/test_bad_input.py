@@ -1,4 +1,103 @@
-"""CATALOGUE PLACEHOLDER"""
+"""Hardening against bad input and hostile environments: a catalogue.
+
+Each case feeds the real `etl` (the CLI in-process, or a process of its own
+where a signal must reach it) messy data or a broken environment, and asserts
+the exit code (SPEC §3), the message (what, where, the fix) and that no record
+is lost or wrongly marked as sent. Sources are real SQLite and PostgreSQL
+databases; the API is the real local receiver, or a one-trick HTTP server on
+127.0.0.1. README "Troubleshooting" lists the messages and what to do.
+
+Mapping files: exit 2 before the source is opened, no state created.
+   1  a key given twice       traits.email: duplicate key 'email' on lines N and N+1
+   2  an unknown key          traits.created_at.colum: unknown key — did you mean 'column'?
+   3  YAML 1.1 surprises      NO, 012, 2024-01-01 are sent as "NO", 12, "2024-01-01" (exit 0)
+   4  no mappings directory   mappings directory does not exist — … --mappings DIR
+   5  no *.yml in it          no mapping files (*.yml, *.yaml)
+   6  a list at top level     (top level): must be a mapping of keys, got a list
+   7  column and sql          traits.name: has both 'column' and 'sql'
+   8  user_id not mapped      user_id: is missing — add user_id: COLUMN
+   9  email not mapped        traits: user_identify requires email, not mapped here
+  10  an unknown type         traits.is_admin.type: unknown value 'bool' — did you mean 'boolean'?
+  11  a tab in the YAML       line N, column 1: … found character '\t' — indent with spaces
+  12  a key column twice      key: lists 'id' more than once
+  13  a query, not a SELECT   source.query: must start with SELECT or WITH
+  14  one stream, two files   stream: 'users' is also declared in …/users-old.yml
+  15  a Latin-1 file          byte 4: not UTF-8 text — save the file as UTF-8
+  16  --stream with a typo    --stream: unknown stream 'user' — did you mean 'users'?
+  17  SQL-like identifiers    table `app users"; DROP TABLE users; --`, column
+  18    (SQLite, PostgreSQL)    `na"me; DROP TABLE users; --`: quoted, read, `users` survives
+  19  a failing where:        exit 1: stream workspaces: the source query failed: … —
+  20  a failing sql:            `etl validate --check-source` finds: source.where: '…' fails …;
+                                `validate --check-source` exits 2 with that same line
+
+Source data: the bad row is listed invalid with its reason (output, `etl runs`),
+never sent, never marked as sent; the other rows go out; exit 3.
+  21  NULL email              required trait 'email' is missing or empty
+  22  empty email             idem
+  23  NULL part of a name     required trait 'name' is missing or empty (a `sql:` concatenation)
+  24  NULL account id         account_id is missing or empty
+  25  empty user id           user_id is missing or empty
+  26  emoji, other scripts    sent unchanged
+  27  a NUL character         email: text contains a NUL character
+  28  invalid UTF-8 (SQLite)  name: text is not valid UTF-8 (the read used to abort)
+  29  100 KB of text          event is 100,… bytes, over the 32 KB limit — drop or trim big traits
+  30  a BLOB                  role: binary value — map it with type: text and an encoding
+  31  years 1 and 9999        sent as 0001-01-01T00:00:00Z and 9999-12-31T23:59:59Z
+  32  text in a timestamp     created_at: 'yesterday' is not an ISO-8601 datetime
+  33  a query repeating a key and returning a NULL key, page size 1: `duplicate key: … make
+        `key` unique` and `key column is NULL`; no row lost at a page boundary (all were)
+  34  a column dropped        exit 1: no such column: users.role — `etl validate
+        since the last run      --check-source` finds: traits.role: no column 'role'; state kept
+  35  a column renamed (PG)   exit 1: the same, listing the columns there are
+  36  a table dropped         exit 1: source.table: no table 'workspaces' (was a traceback)
+  37  a row dated 2100        sent; the watermark stays at the database's clock
+  38  a mixed-type cursor     exit 1: cursor: updated_at holds integers and also str values
+  39-57  PostgreSQL, one sync over hostile rows: numeric NaN and float ±Infinity (is not a
+        finite number); 1e30 and 2^53+1 (beyond 2^53 … map it as type: text); bytea; nested
+        jsonb (flatten it with sql:); jsonb arrays (mixed scalars sent as text, nested or
+        null elements invalid); text[]; timestamp ±infinity and date infinity (has no
+        ISO-8601 form — … CASE WHEN isfinite(col) THEN col END; psycopg used to abort the
+        read); years 1 and 9999; emoji; ±infinity cursors at page boundaries. Each fix the
+        message advises, applied in a second mapping, delivers the row.
+
+Environment
+  58-60  no token, API key or workspace key: exit 2 naming the variable; nothing read
+  61  http:// off loopback    exit 2: would send the token in clear text … use https://
+  62  no --token-file         exit 2: --token-file …: cannot read it (No such file or directory)
+  63  source port closed      exit 1: source postgresql+psycopg://etl:***@…: cannot connect
+  64  a malformed source URL  exit 2: --source: invalid literal for int() … (was a traceback)
+  65  a typo in a SQLite path exit 1: no such file (SQLite used to create it, empty)
+  66  a refused role (PG)     exit 1: role "…" is not permitted to log in; password shown as ***
+  67  endpoint port closed    batch.retry per attempt; exit 1: gave up after 3 attempt(s)
+  68  state under a file      exit 1: cannot create the file (File exists: /etc/passwd)
+  69  state is a directory    exit 1: cannot open it: unable to open database file
+  70  state is not SQLite     exit 1: file is not a database — … move a corrupted file aside
+  71  a torn state file       exit 1: database disk image is malformed
+  72  another tool's tables   exit 1: table etl_runs is not etl's (no column …) (it used to
+                                send, then fail to record)
+  73  state from a newer etl  exit 1: written by a newer etl (schema 2, this etl knows 1)
+  74  the lock is held        exit 4 naming pid, host, command and start
+  75  disk full mid-run       exit 1: database or disk is full — check the disk; the next run
+                                delivers every record under the same event ids
+  76  SIGTERM mid-run         exit 1: stopped by a signal (now within a page); state marks
+                                nothing unreceived as sent; the next run delivers the rest
+
+Answers from the API: exit 1, nothing marked as sent, the token nowhere.
+  77  HTML 200                HTTP 200 with a non-JSON body (text/html) … proxy or login page
+  78  empty 200               HTTP 200 with an empty body
+  79  200 {"message": …}      HTTP 200 but the API refused the batch: workspace is suspended
+  80  302                     HTTP 302 redirect to nowhere, not followed
+  81  a body that never ends  read timeouts, then gave up after 3 attempt(s)
+  82  503 forever             gave up after 3 attempt(s) … last answer: HTTP 503
+  83  a 401 echoing the token HTTP 401: the token is wrong or missing — check HYPERENGAGE_TOKEN;
+                                the token in no log line, JSON or console
+  84  a 400 for one record    that one rejected and kept (`etl state show`), the rest sent; exit 3
+
+Property
+  85  random rows of any SQLite scalar in a real table, one `etl sync --page-size 3`:
+      exit 0 or 3, never 1; each row received or listed invalid with a reason. (The pure
+      form: tests/test_transform.py::test_any_row_becomes_a_valid_event_or_an_invalid_record.)
+"""
 
 from __future__ import annotations
 
@@ -26,7 +125,17 @@ from click.testing import Result
 from conftest import PG_ADMIN_URL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import REPO, TOKEN, cli_env, copy_mappings, run_cli, seed, user_id, users, ws_id
+from support import (
+    REPO,
+    TOKEN,
+    cli_env,
+    copy_mappings,
+    run_cli,
+    seed,
+    user_id,
+    user_row,
+    users,
+)
 
 import etl.api
 import etl.load
@@ -111,7 +220,7 @@ def state_of(state_url: str) -> dict[str, Any]:
 def invalid_of(run: Mapping[str, Any], stream: str) -> dict[str, str]:
     """The invalid records a run listed for a stream: key -> reason."""
     listed = next(s for s in run["streams"] if s["stream"] == stream)["invalid_records"]
-    return {key: reason for key, reason in listed}
+    return dict(listed)
 
 
 def log_events(stderr: str) -> list[dict[str, Any]]:
@@ -145,7 +254,7 @@ def answering(respond: Respond) -> Iterator[str]:
     posts: list[bytes] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             posts.append(self.rfile.read(int(self.headers.get("content-length", 0))))
             respond(self, stopping)
 
@@ -219,7 +328,7 @@ def _mapping_cases() -> list[Any]:
         pytest.param(
             "- event_type: user_identify\n- source: {table: users}\n",
             ["users.yml: (top level): must be a mapping of keys, got a list", "mappings/users.yml"],
-            id="05-top-level-list",
+            id="06-top-level-list",
         ),
         pytest.param(
             base.replace(
@@ -227,22 +336,22 @@ def _mapping_cases() -> list[Any]:
                 "name: {column: last_name, sql: \"first_name || ' ' || last_name\"}",
             ),
             ["users.yml: traits.name: has both 'column' and 'sql'", "keep exactly one of column"],
-            id="06-column-and-sql",
+            id="07-column-and-sql",
         ),
         pytest.param(
             base.replace("user_id: id\n", ""),
             ["users.yml: user_id: is missing — add user_id: COLUMN"],
-            id="07-no-user-id",
+            id="08-no-user-id",
         ),
         pytest.param(
             base.replace("  email: email\n", ""),
             ["users.yml: traits: user_identify requires email, not mapped here", "`email: COLUMN`"],
-            id="08-required-trait-unmapped",
+            id="09-required-trait-unmapped",
         ),
         pytest.param(
             base.replace("{column: is_admin, type: boolean}", "{column: is_admin, type: bool}"),
             ["users.yml: traits.is_admin.type: unknown value 'bool'", "did you mean 'boolean'?"],
-            id="09-unknown-type",
+            id="10-unknown-type",
         ),
         pytest.param(
             tabbed,
@@ -251,17 +360,17 @@ def _mapping_cases() -> list[Any]:
                 "found character '\\t' that cannot start any token",
                 "indent with spaces: YAML does not allow tabs there",
             ],
-            id="10-tab-in-yaml",
+            id="11-tab-in-yaml",
         ),
         pytest.param(
             base.replace("key: id", "key: [id, id]"),
             ["users.yml: key: lists 'id' more than once — list each column once"],
-            id="11-key-listed-twice",
+            id="12-key-listed-twice",
         ),
         pytest.param(
             base.replace("source:\n  table: users", 'source:\n  query: "DELETE FROM users"'),
             ["users.yml: source.query: must start with SELECT or WITH"],
-            id="12-query-not-a-select",
+            id="13-query-not-a-select",
         ),
     ]
 
@@ -270,7 +379,7 @@ def _mapping_cases() -> list[Any]:
 def test_a_broken_mapping_file_exits_2_naming_file_key_and_fix_before_reading(
     scene: Scene, text: str, words: list[str]
 ) -> None:
-    """A mapping mistake stops `sync` with exit 2 and `file: key: problem — fix`;
+    """1-2, 6-13. A mapping mistake stops `sync` with exit 2 and `file: key: problem — fix`;
     the source is never opened (its URL leads nowhere) and no state is created."""
     write_mapping(scene, "users.yml", text)
     result = scene.run("sync", ETL_SOURCE_URL=UNREADABLE_SOURCE)
@@ -282,7 +391,7 @@ def test_a_broken_mapping_file_exits_2_naming_file_key_and_fix_before_reading(
     assert scene.receiver.requests() == []
 
 
-def test_03_yaml_1_1_surprises_are_sent_as_written(scene: Scene) -> None:
+def test_yaml_1_1_surprises_are_sent_as_written(scene: Scene) -> None:
     """3. `NO` (Norway), `012` and an unquoted date are read as YAML 1.2: the text
     "NO", the number 12 and the text "2024-01-01", not false, 10 and a date."""
     text = (
@@ -298,14 +407,14 @@ def test_03_yaml_1_1_surprises_are_sent_as_written(scene: Scene) -> None:
 @pytest.mark.parametrize(
     ("layout", "words"),
     [
-        pytest.param("missing", "mappings directory does not exist", id="04a-no-directory"),
-        pytest.param("empty", "no mapping files (*.yml, *.yaml)", id="04b-empty-directory"),
+        pytest.param("missing", "mappings directory does not exist", id="04-no-directory"),
+        pytest.param("empty", "no mapping files (*.yml, *.yaml)", id="05-empty-directory"),
     ],
 )
-def test_04_a_missing_or_empty_mappings_directory_exits_2(
+def test_a_missing_or_empty_mappings_directory_exits_2(
     scene: Scene, layout: str, words: str
 ) -> None:
-    """4. No mappings directory, or one without *.yml: exit 2, saying how to point elsewhere."""
+    """4-5. No mappings directory, or one without *.yml: exit 2, saying how to point elsewhere."""
     target = scene.tmp / "nowhere" if layout == "missing" else scene.tmp / "empty"
     if layout == "empty":
         target.mkdir()
@@ -317,8 +426,8 @@ def test_04_a_missing_or_empty_mappings_directory_exits_2(
     assert not scene.state_file.exists()
 
 
-def test_13_two_files_declaring_one_stream_exit_2_naming_both(scene: Scene) -> None:
-    """13. A copy of users.yml left beside it (same `stream:`) would send every user
+def test_two_files_declaring_one_stream_exit_2_naming_both(scene: Scene) -> None:
+    """14. A copy of users.yml left beside it (same `stream:`) would send every user
     twice: exit 2 naming both files."""
     write_mapping(scene, "users-old.yml", "stream: users\n" + users_yml())
     result = scene.run("sync")
@@ -328,8 +437,8 @@ def test_13_two_files_declaring_one_stream_exit_2_naming_both(scene: Scene) -> N
     assert "give each file its own stream name" in result.stderr
 
 
-def test_14_a_mapping_file_that_is_not_utf8_exits_2_with_the_byte(scene: Scene) -> None:
-    """14. A file saved as Latin-1 names the offending byte and says to save it as UTF-8."""
+def test_a_mapping_file_that_is_not_utf8_exits_2_with_the_byte(scene: Scene) -> None:
+    """15. A file saved as Latin-1 names the offending byte and says to save it as UTF-8."""
     path = scene.mappings / "users.yml"
     path.write_bytes(users_yml().replace("# Users", "# Usérs").encode("latin-1"))
     result = scene.run("sync")
@@ -337,8 +446,8 @@ def test_14_a_mapping_file_that_is_not_utf8_exits_2_with_the_byte(scene: Scene) 
     assert "users.yml: byte 4: not UTF-8 text — save the file as UTF-8" in result.stderr
 
 
-def test_15_an_unknown_stream_name_exits_2_with_a_suggestion(scene: Scene) -> None:
-    """15. `--stream user` (a typo) exits 2 and suggests `users`."""
+def test_an_unknown_stream_name_exits_2_with_a_suggestion(scene: Scene) -> None:
+    """16. `--stream user` (a typo) exits 2 and suggests `users`."""
     result = scene.run("sync", "--stream", "user")
     assert result.exit_code == 2
     assert "--stream: unknown stream 'user' — did you mean 'users'?" in result.stderr
@@ -349,12 +458,16 @@ HOSTILE_TABLE = 'app users"; DROP TABLE users; --'
 
 
 @pytest.mark.parametrize(
-    "source", ["sqlite_url", pytest.param("pg_url", marks=pytest.mark.postgres)]
+    "source",
+    [
+        pytest.param("sqlite_url", id="17-sqlite"),
+        pytest.param("pg_url", marks=pytest.mark.postgres, id="18-postgresql"),
+    ],
 )
-def test_16_identifiers_with_quotes_spaces_and_sql_are_quoted_never_run(
+def test_identifiers_with_quotes_spaces_and_sql_are_quoted_never_run(
     scene: Scene, source: str, request: pytest.FixtureRequest
 ) -> None:
-    """16. A table and a column literally named like SQL injections are read as
+    """17-18. A table and a column literally named like SQL injections are read as
     names: the value arrives and the `users` table survives (SQLite and PostgreSQL)."""
     url = scene.source_url if source == "sqlite_url" else request.getfixturevalue("pg_url")
     if source == "pg_url":
@@ -414,20 +527,20 @@ def test_16_identifiers_with_quotes_spaces_and_sql_are_quoted_never_run(
             ('where: "deleted_at IS NULL"', 'where: "deleted_at IS NUL"'),
             "source.where",
             "deleted_at IS NUL",
-            id="17-where-fails",
+            id="19-where-fails",
         ),
         pytest.param(
             ("website: {sql: \"'https://' || domain\"}", 'website: {sql: "concat_ws(domain)"}'),
             "traits.website.sql",
             "concat_ws(domain)",
-            id="18-sql-fails",
+            id="20-sql-fails",
         ),
     ],
 )
 def test_a_where_or_sql_that_fails_in_the_database_names_stream_and_expression(
     scene: Scene, edit: tuple[str, str], key: str, expression: str
 ) -> None:
-    """17-18. `sync` exits 1 naming the file, the stream, the key and the expression
+    """19-20. `sync` exits 1 naming the file, the stream, the key and the expression
     (nothing sent, no watermark); `validate --check-source` exits 2 saying the same."""
     path = scene.mappings / "workspaces.yml"
     path.write_text(path.read_text().replace(*edit))
@@ -448,30 +561,30 @@ def test_a_where_or_sql_that_fails_in_the_database_names_stream_and_expression(
 # One sync over users made hostile one way each; every case checks its own user.
 SQLITE_ROWS: dict[str, tuple[int, Any, str | None]] = {
     # case id: (user number, the change, the reason; None: delivered)
-    "19-null-email": (1, {"email": None}, "required trait 'email' is missing or empty"),
-    "20-empty-email": (2, {"email": ""}, "required trait 'email' is missing or empty"),
-    "21-null-name-part": (3, {"first_name": None}, "required trait 'name' is missing or empty"),
-    "22-null-account-id": (4, {"workspace_id": None}, "account_id is missing or empty"),
-    "23-empty-user-id": (
+    "21-null-email": (1, {"email": None}, "required trait 'email' is missing or empty"),
+    "22-empty-email": (2, {"email": ""}, "required trait 'email' is missing or empty"),
+    "23-null-name-part": (3, {"first_name": None}, "required trait 'name' is missing or empty"),
+    "24-null-account-id": (4, {"workspace_id": None}, "account_id is missing or empty"),
+    "25-empty-user-id": (
         5,
         "UPDATE users SET id = '' WHERE id = :id",
         "user_id is missing or empty",
     ),
-    "25-emoji": (7, {"first_name": "Zoë 🚀 李"}, None),
-    "26-nul-character": (
+    "26-emoji": (7, {"first_name": "Zoë 🚀 李"}, None),
+    "27-nul-character": (
         8,
         {"email": "a\x00b@example.com"},
         "email: text contains a NUL character",
     ),
-    "27-invalid-utf8": (
+    "28-invalid-utf8": (
         9,
         "UPDATE users SET last_name = CAST(x'4cff' AS TEXT) WHERE id = :id",
         "name: text is not valid UTF-8",
     ),
-    "28-100kb-text": (10, {"role": "x" * 100_000}, "over the 32 KB limit — drop or trim"),
-    "29-bytes": (11, {"role": b"\x00\x01admin"}, "role: binary value — map it with type: text"),
-    "30-year-1-and-9999": (12, {"created_at": dt.datetime(1, 1, 1, tzinfo=dt.UTC)}, None),
-    "31-text-in-a-timestamp-column": (
+    "29-100kb-text": (10, {"role": "x" * 100_000}, "over the 32 KB limit — drop or trim"),
+    "30-bytes": (11, {"role": b"\x00\x01admin"}, "role: binary value — map it with type: text"),
+    "31-year-1-and-9999": (12, {"created_at": dt.datetime(1, 1, 1, tzinfo=dt.UTC)}, None),
+    "32-text-in-a-timestamp-column": (
         13,
         "UPDATE users SET created_at = 'yesterday' WHERE id = :id",
         "created_at: 'yesterday' is not an ISO-8601 datetime",
@@ -480,7 +593,7 @@ SQLITE_ROWS: dict[str, tuple[int, Any, str | None]] = {
 
 
 @pytest.fixture(scope="module")
-def sqlite_hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def sqlite_hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One `etl sync` over a SQLite users table where user N carries hostile value N."""
     tmp = tmp_path_factory.mktemp("hostile-sqlite")
     url = f"sqlite:///{tmp / 'source.db'}"
@@ -502,26 +615,26 @@ def sqlite_hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
         result = run_cli(["sync"], env)
         events = rx.events()
     state = state_of(env["ETL_STATE_URL"])
-    yield {"result": result, "events": events, "state": state}
+    return {"result": result, "events": events, "state": state}
 
 
 @pytest.mark.parametrize("case", list(SQLITE_ROWS))
 def test_a_hostile_sqlite_value_becomes_an_invalid_record_with_its_reason(
     sqlite_hostile: dict[str, Any], case: str
 ) -> None:
-    """19-31. Each bad value makes its record invalid with the reason (listed in the
+    """21-32. Each bad value makes its record invalid with the reason (listed in the
     output and the run record, never sent, never marked as sent); the good values
     are delivered as written. The run finishes with exit 3."""
     number, _, reason = SQLITE_ROWS[case]
     result, events, state = (sqlite_hostile[k] for k in ("result", "events", "state"))
     assert result.exit_code == 3, result.stderr
-    key = "" if case == "23-empty-user-id" else user_id(number)
+    key = "" if case == "25-empty-user-id" else user_id(number)
     sent = {e["user_id"]: e for e in events if e["event_type"] == "user_identify"}
     if reason is None:
         assert key in sent
         assert key in state["keys"]["users"]
         traits = sent[key]["traits"]
-        if case == "25-emoji":
+        if case == "26-emoji":
             assert traits["name"] == f"Zoë 🚀 李 Lovelace{number}"
         else:
             assert traits["created_at"] == "0001-01-01T00:00:00Z"
@@ -536,11 +649,11 @@ def test_a_hostile_sqlite_value_becomes_an_invalid_record_with_its_reason(
     assert len(sent) == 16 - sum(1 for _, _, r in SQLITE_ROWS.values() if r)
 
 
-def test_32_a_query_with_duplicate_and_null_keys_sends_each_key_once(scene: Scene) -> None:
-    """32. A `query:` that returns one key twice (a join fan-out) and a row whose key
-    is NULL (an outer join): the first row of the key is sent once, the repeat and
-    the NULL key are invalid with their reasons, and no row is lost, even when a
-    keyset page ends on the NULL key (page size 1)."""
+def test_a_query_with_duplicate_and_null_keys_sends_each_key_once(scene: Scene) -> None:
+    """33. A `query:` that returns one key twice (a join fan-out) and a row whose key
+    is NULL (an outer join): no row is lost even when a keyset page ends on the
+    NULL key (page size 1), each key is sent once, the NULL key is invalid; within
+    a page the repeat is invalid too, with the fix."""
     columns = ", ".join(c.name for c in users.columns if c.name != "id")
     query = (
         f"SELECT id, {columns} FROM users"
@@ -552,17 +665,23 @@ def test_32_a_query_with_duplicate_and_null_keys_sends_each_key_once(scene: Scen
     result = scene.run("sync", "--page-size", "1")
     assert result.exit_code == 3, result.stderr
     state = state_of(scene.env["ETL_STATE_URL"])
-    invalid = invalid_of(state["runs"][0], "users")
-    assert invalid[user_id(2)].startswith("duplicate key: the query returned this key more")
-    assert invalid["None"] == "key column is NULL"
+    assert invalid_of(state["runs"][0], "users") == {"None": "key column is NULL"}
     received = [e["user_id"] for e in scene.receiver.events() if e["event_type"] == "user_identify"]
     assert sorted(received) == [user_id(i) for i in range(6)]  # each once, none lost
+    again = scene.run("sync", "--full")
+    assert again.exit_code == 3
+    invalid = invalid_of(state_of(scene.env["ETL_STATE_URL"])["runs"][0], "users")
+    assert invalid[user_id(2)] == (
+        "duplicate key: the query returned this key more than once in this run"
+        " — make `key` unique (only the first row was used)"
+    )
+    assert len(scene.receiver.events()) == 3 + 6  # the repeat was not sent
 
 
-def test_33_a_column_dropped_since_the_last_run_exits_1_naming_it_state_untouched(
+def test_a_column_dropped_since_the_last_run_exits_1_naming_it_state_untouched(
     scene: Scene,
 ) -> None:
-    """33. `role` was dropped after the last run: exit 1 naming the column, the
+    """34. `role` was dropped after the last run: exit 1 naming the column, the
     mapping key and `etl validate --check-source`; the users' watermark and
     records are as they were."""
     assert scene.run("sync").exit_code == 0
@@ -572,7 +691,9 @@ def test_33_a_column_dropped_since_the_last_run_exits_1_naming_it_state_untouche
     )
     result = scene.run("sync")
     assert result.exit_code == 1
-    assert "users.yml: stream users: the source query failed: no such column: role" in result.stderr
+    assert "users.yml: stream users: the source query failed: no such column: users.role" in (
+        result.stderr
+    )
     assert "`etl validate --check-source` finds:" in result.stderr
     assert "users.yml: traits.role: no column 'role' in the source (columns: " in result.stderr
     assert "— fix the column name" in result.stderr
@@ -583,10 +704,10 @@ def test_33_a_column_dropped_since_the_last_run_exits_1_naming_it_state_untouche
 
 
 @pytest.mark.postgres
-def test_34_a_column_renamed_on_postgresql_names_old_and_new_columns(
+def test_a_column_renamed_on_postgresql_names_old_and_new_columns(
     tmp_path: Path, pg_url: str, receiver: RunningReceiver
 ) -> None:
-    """34. `email` renamed to `email_address` on PostgreSQL: exit 1; the message
+    """35. `email` renamed to `email_address` on PostgreSQL: exit 1; the message
     names the missing column and lists the columns there are (the new name among
     them); nothing of the users is marked as sent."""
     seed(pg_url, n_workspaces=1, n_users=3)
@@ -595,14 +716,14 @@ def test_34_a_column_renamed_on_postgresql_names_old_and_new_columns(
     execute(pg_url, "ALTER TABLE users RENAME COLUMN email TO email_address")
     result = run_cli(["sync"], env)
     assert result.exit_code == 1
-    assert 'column "email" does not exist' in result.stderr
+    assert "the source query failed: column users.email does not exist" in result.stderr
     assert "users.yml: traits.email: no column 'email' in the source" in result.stderr
     assert "email_address" in result.stderr
     assert "users" not in state_of(env["ETL_STATE_URL"])["keys"]
 
 
-def test_35_a_table_dropped_since_the_last_run_exits_1_naming_it(scene: Scene) -> None:
-    """35. The workspaces table is gone: exit 1 with the table named and the fix, not
+def test_a_table_dropped_since_the_last_run_exits_1_naming_it(scene: Scene) -> None:
+    """36. The workspaces table is gone: exit 1 with the table named and the fix, not
     a traceback; nothing is sent."""
     scene.execute("DROP TABLE workspaces")
     result = scene.run("sync")
@@ -614,10 +735,10 @@ def test_35_a_table_dropped_since_the_last_run_exits_1_naming_it(scene: Scene) -
     assert scene.receiver.requests() == []
 
 
-def test_36_a_future_dated_row_does_not_push_the_watermark_past_later_changes(
+def test_a_future_dated_row_does_not_push_the_watermark_past_later_changes(
     scene: Scene,
 ) -> None:
-    """36. A row stamped in 2100 is sent once; the watermark stays at the database's
+    """37. A row stamped in 2100 is sent once; the watermark stays at the database's
     clock, so a change made after the run is still picked up by the next one."""
     scene.execute(
         users.update()
@@ -641,6 +762,24 @@ def test_36_a_future_dated_row_does_not_push_the_watermark_past_later_changes(
     assert [(e["user_id"], e["traits"]["role"]) for e in later] == [(user_id(2), "owner")]
 
 
+def test_a_cursor_holding_integers_and_text_exits_1_naming_it(scene: Scene) -> None:
+    """38. SQLite keeps any type in any column: an `updated_at` holding epoch integers
+    in some rows and text in others cannot be a watermark; exit 1 naming the file,
+    the cursor and an offending value, before anything is sent."""
+    (scene.mappings / "workspaces.yml").unlink()
+    scene.execute(
+        users.update().where(users.c.id == user_id(0)).values(updated_at=sa.literal(1_700_000_000))
+    )
+    result = scene.run("sync")
+    assert result.exit_code == 1
+    assert (
+        "users.yml: cursor: updated_at holds integers and also str values such as '2024-03-01"
+        in (result.stderr)
+    )
+    assert "a cursor must be all timestamps or all integers" in result.stderr
+    assert scene.receiver.requests() == []
+
+
 # ================================================================ source data, PostgreSQL
 
 PG_PEOPLE = """
@@ -654,28 +793,28 @@ CREATE TABLE people (
 # case id: (row id, column, SQL value, untyped outcome, outcome of the fixed mapping)
 # An outcome is ("invalid", reason) or ("sent", trait, value); None: not mapped there.
 PG_ROWS: dict[str, tuple[str, str, str, tuple[Any, ...], tuple[Any, ...] | None]] = {
-    "37-numeric-nan": (
+    "39-numeric-nan": (
         "nan",
         "c_num",
         "'NaN'",
         ("invalid", "c_num: NaN is not a finite number"),
         ("sent", "num", "NaN"),
     ),
-    "38-float-infinity": (
+    "40-float-infinity": (
         "inf",
         "c_dbl",
         "'Infinity'",
         ("invalid", "c_dbl: inf is not a finite number"),
         None,
     ),
-    "39-float-minus-infinity": (
+    "41-float-minus-infinity": (
         "ninf",
         "c_dbl",
         "'-Infinity'",
         ("invalid", "c_dbl: -inf is not a finite number"),
         None,
     ),
-    "40-huge-decimal": (
+    "42-huge-decimal": (
         "huge",
         "c_num",
         "1e30",
@@ -686,7 +825,7 @@ PG_ROWS: dict[str, tuple[str, str, str, tuple[Any, ...], tuple[Any, ...] | None]
         ),
         ("sent", "num", "1000000000000000000000000000000"),
     ),
-    "41-bigint-beyond-2^53": (
+    "43-bigint-beyond-2^53": (
         "big",
         "c_big",
         str(2**53 + 1),
@@ -696,43 +835,43 @@ PG_ROWS: dict[str, tuple[str, str, str, tuple[Any, ...], tuple[Any, ...] | None]
         ),
         ("sent", "big", str(2**53 + 1)),
     ),
-    "42-bytea": (
+    "44-bytea": (
         "bytes",
         "c_bytes",
         "'\\x68c3a9'::bytea",
         ("invalid", "c_bytes: binary value — map it with type: text and an encoding"),
         ("sent", "bytes", "hé"),
     ),
-    "43-nested-jsonb": (
+    "45-nested-jsonb": (
         "nested",
         "c_doc",
         """'{"plan": {"tier": "pro"}}'""",
         ("invalid", "c_doc: nested object — flatten it with sql:"),
         ("sent", "tier", "pro"),
     ),
-    "44-jsonb-array-of-mixed-scalars": (
+    "46-jsonb-array-of-mixed-scalars": (
         "scalars",
         "c_doc",
         """'[1, true, "x", 2.5]'""",
         ("sent", "c_doc", ["1", "true", "x", "2.5"]),
         None,
     ),
-    "45-jsonb-array-nested": (
+    "47-jsonb-array-nested": (
         "deep",
         "c_doc",
         "'[1, [2]]'",
         ("invalid", "c_doc: array element 1 is nested — flatten it"),
         None,
     ),
-    "46-jsonb-array-with-null": (
+    "48-jsonb-array-with-null": (
         "holes",
         "c_doc",
         """'["a", null]'""",
         ("invalid", "c_doc: array element 1 is null"),
         None,
     ),
-    "47-text-array": ("arr", "c_arr", """'{a,"b c"}'""", ("sent", "c_arr", ["a", "b c"]), None),
-    "48-timestamp-infinity": (
+    "49-text-array": ("arr", "c_arr", """'{a,"b c"}'""", ("sent", "c_arr", ["a", "b c"]), None),
+    "50-timestamp-infinity": (
         "ts-inf",
         "c_ts",
         "'infinity'",
@@ -743,49 +882,49 @@ PG_ROWS: dict[str, tuple[str, str, str, tuple[Any, ...], tuple[Any, ...] | None]
         ),
         ("sent", "ts", None),
     ),
-    "49-timestamp-minus-infinity": (
+    "51-timestamp-minus-infinity": (
         "ts-ninf",
         "c_ts",
         "'-infinity'",
         ("invalid", "c_ts: timestamp with time zone '-infinity' has no ISO-8601 form"),
         ("sent", "ts", None),
     ),
-    "50-date-infinity": (
+    "52-date-infinity": (
         "d-inf",
         "c_date",
         "'infinity'",
         ("invalid", "c_date: date 'infinity' has no ISO-8601 form"),
         ("sent", "day", None),
     ),
-    "51-year-1": (
+    "53-year-1": (
         "y1",
         "c_ts",
         "'0001-01-01 00:00:00+00'",
         ("sent", "c_ts", "0001-01-01T00:00:00Z"),
         ("sent", "ts", "0001-01-01T00:00:00Z"),
     ),
-    "52-year-9999": (
+    "54-year-9999": (
         "y9999",
         "c_date",
         "'9999-12-31'",
         ("sent", "c_date", "9999-12-31"),
         ("sent", "day", "9999-12-31"),
     ),
-    "53-emoji-and-scripts": (
+    "55-emoji-and-scripts": (
         "emoji",
         "c_text",
         "'Zoë 🚀 李 مرحبا'",
         ("sent", "c_text", "Zoë 🚀 李 مرحبا"),
         None,
     ),
-    "54-infinite-cursor": (
+    "56-infinite-cursor": (
         "cur-inf",
         "updated_at",
         "'infinity'",
         ("sent", "email", "cur-inf@x.io"),
         None,
     ),
-    "55-minus-infinite-cursor": (
+    "57-minus-infinite-cursor": (
         "cur-ninf",
         "updated_at",
         "'-infinity'",
@@ -837,7 +976,7 @@ def pg_database() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def pg_hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def pg_hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One `etl sync --page-size 2` over a PostgreSQL table holding one hostile value
     per row, through two streams: `people` maps every column as it is, `fixed`
     applies the fix each message advises."""
@@ -858,7 +997,7 @@ def pg_hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
             env = cli_env(tmp, url, rx.url)
             result = run_cli(["sync", "--page-size", "2"], env)
             events = rx.events()
-    yield {"result": result, "events": events, "state": state_of(env["ETL_STATE_URL"])}
+    return {"result": result, "events": events, "state": state_of(env["ETL_STATE_URL"])}
 
 
 @pytest.mark.postgres
@@ -866,7 +1005,7 @@ def pg_hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
 def test_a_hostile_postgresql_value_is_invalid_with_a_reason_and_the_advised_fix_works(
     pg_hostile: dict[str, Any], case: str
 ) -> None:
-    """37-55. NaN, ±Infinity, huge numerics, bigints past 2^53, bytea, nested jsonb,
+    """39-57. NaN, ±Infinity, huge numerics, bigints past 2^53, bytea, nested jsonb,
     arrays, ±infinity timestamps and dates (psycopg cannot load them), years 1
     and 9999, emoji, ±infinity cursors at page boundaries: each row is sent exactly
     as SPEC §4 says or listed invalid with its reason, never crashes the run, is
@@ -890,3 +1029,578 @@ def test_a_hostile_postgresql_value_is_invalid_with_a_reason_and_the_advised_fix
             _, trait, value = outcome
             assert sent[row_id].get(trait) == value
             assert row_id in state["keys"][stream]
+
+
+# ================================================================ environment
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        pytest.param("HYPERENGAGE_TOKEN", id="58-no-token"),
+        pytest.param("HYPERENGAGE_API_KEY", id="59-no-api-key"),
+        pytest.param("HYPERENGAGE_WORKSPACE_KEY", id="60-no-workspace-key"),
+    ],
+)
+def test_no_token_api_key_or_workspace_key_exits_2_before_anything_is_read(
+    scene: Scene, missing: str
+) -> None:
+    """58-60. A secret left out of the environment: exit 2 naming it and where to
+    put it; the source is never opened and no state is created."""
+    result = scene.run("sync", ETL_SOURCE_URL=UNREADABLE_SOURCE, **{missing: ""})
+    assert result.exit_code == 2
+    assert missing in result.stderr
+    assert "export" in result.stderr
+    assert not scene.state_file.exists()
+    assert scene.receiver.requests() == []
+
+
+def test_plain_http_to_a_remote_host_exits_2(scene: Scene) -> None:
+    """61. http:// to anything but loopback would send the token in clear: exit 2."""
+    result = scene.run("sync", HYPERENGAGE_ENDPOINT="http://events.hyperengage.io/api/v1/s2s/event")
+    assert result.exit_code == 2
+    assert "would send the token in clear text to events.hyperengage.io — use https://" in (
+        result.stderr
+    )
+    assert not scene.state_file.exists()
+
+
+def test_an_unreadable_token_file_exits_2(scene: Scene) -> None:
+    """62. `--token-file` that does not exist: exit 2 with the path and the OS's reason."""
+    missing = scene.tmp / "token.txt"
+    result = scene.run("sync", "--token-file", str(missing), HYPERENGAGE_TOKEN="")
+    assert result.exit_code == 2
+    assert f"--token-file {missing}: cannot read it (No such file or directory)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "words", "code"),
+    [
+        pytest.param(
+            UNREADABLE_SOURCE,
+            "source postgresql+psycopg://etl:***@127.0.0.1:9/app: cannot connect:",
+            1,
+            id="63-closed-port",
+        ),
+        pytest.param(
+            "postgresql+psycopg://etl:s3cret-pw@127.0.0.1:port/app",
+            "--source: invalid literal for int() with base 10: 'port' — use a SQLAlchemy URL",
+            2,
+            id="64-malformed-url",
+        ),
+        pytest.param(
+            "sqlite:///{tmp}/app-typo.db",
+            "source sqlite:///{tmp}/app-typo.db: no such file {tmp}/app-typo.db — check --source",
+            1,
+            id="65-missing-sqlite-file",
+        ),
+    ],
+)
+def test_an_unreachable_or_misspelt_source_says_so_without_the_password(
+    scene: Scene, url: str, words: str, code: int
+) -> None:
+    """63-65. A source at a closed port, a malformed URL, a SQLite path with a typo:
+    a one-line message, the password masked, nothing sent or created."""
+    url, words = url.format(tmp=scene.tmp), words.format(tmp=scene.tmp)
+    result = scene.run("sync", ETL_SOURCE_URL=url)
+    assert result.exit_code == code, result.stderr
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert scene.receiver.requests() == []
+    assert not (scene.tmp / "app-typo.db").exists()
+
+
+@pytest.mark.postgres
+def test_a_role_that_may_not_log_in_fails_without_printing_its_password(
+    scene: Scene, pg_url: str
+) -> None:
+    """66. Credentials PostgreSQL refuses (a role without LOGIN; the test server
+    trusts every password on loopback): exit 1, the server's reason, `***` for the
+    password, which appears nowhere."""
+    role, password = f"etl_nologin_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    execute(PG_ADMIN_URL, f"CREATE ROLE {role} NOLOGIN PASSWORD '{password}'")
+    try:
+        url = sa.make_url(pg_url).set(username=role, password=password)
+        result = scene.run("sync", ETL_SOURCE_URL=url.render_as_string(hide_password=False))
+    finally:
+        execute(PG_ADMIN_URL, f"DROP ROLE {role}")
+    assert result.exit_code == 1
+    assert 'cannot connect: connection failed: connection to server at "127.0.0.1", port 5432 ' in (
+        result.stderr
+    )
+    assert f'role "{role}" is not permitted to log in' in result.stderr
+    assert f"{role}:***@" in result.stderr
+    assert password not in result.stdout + result.stderr
+
+
+def test_an_unreachable_endpoint_is_retried_then_exits_1_marking_nothing_sent(
+    scene: Scene, quick_retries: None
+) -> None:
+    """67. Nothing listens at the endpoint: each attempt is logged (`batch.retry`),
+    then exit 1 with the attempts and the last error; no record is marked as sent
+    and no watermark moves, so the next run sends everything."""
+    result = scene.run(
+        "sync", HYPERENGAGE_ENDPOINT=f"http://127.0.0.1:{CLOSED_PORT}/api/v1/s2s/event"
+    )
+    assert result.exit_code == 1
+    assert "gave up after 3 attempt(s)" in result.stderr
+    assert "last answer: ConnectError" in result.stderr
+    assert "run again later (acknowledged batches are kept and not re-sent)" in result.stderr
+    assert [e["event"] for e in log_events(result.stderr)].count("batch.retry") == 2
+    state = state_of(scene.env["ETL_STATE_URL"])
+    assert state["keys"] == {} or all(not keys for keys in state["keys"].values())
+    assert state["watermarks"] == {} or all(w is None for w in state["watermarks"].values())
+    assert state["runs"][0]["status"] == "failed"
+    assert scene.run("sync").exit_code == 0
+    assert len(scene.sent()) == 6
+
+
+@pytest.mark.parametrize(
+    ("state_url", "words"),
+    [
+        pytest.param(
+            "sqlite:////etc/passwd/etl-state.db",
+            "state store sqlite:////etc/passwd/etl-state.db: cannot create the file (File exists:"
+            " /etc/passwd) — point --state / ETL_STATE_URL at a writable directory",
+            id="68-state-under-a-file",
+        ),
+        pytest.param(
+            "sqlite:///{tmp}",
+            "state store sqlite:///{tmp}: cannot open it: unable to open database file",
+            id="69-state-is-a-directory",
+        ),
+    ],
+)
+def test_a_state_store_that_cannot_be_written_exits_1_before_sending(
+    scene: Scene, state_url: str, words: str
+) -> None:
+    """68-69. A state path that cannot hold a file (root ignores chmod, so: a path
+    under a file, or a directory): exit 1 with the path and the fix, nothing sent."""
+    state_url, words = state_url.format(tmp=scene.tmp), words.format(tmp=scene.tmp)
+    result = scene.run("sync", ETL_STATE_URL=state_url)
+    assert result.exit_code == 1
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert scene.receiver.requests() == []
+
+
+def contents(path: Path) -> str | bytes:
+    """A SQLite file's schema and rows as SQL, or its bytes when SQLite cannot read it
+    (opening a foreign store switches it to WAL mode: its header is not compared)."""
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return "\n".join(conn.iterdump())
+    except sqlite3.DatabaseError:
+        return path.read_bytes()
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"this is not a database\n" * 400)
+
+
+def _torn(path: Path) -> None:
+    """A real store whose pages past the first were overwritten (a torn copy)."""
+    store = StateStore(f"sqlite:///{path}")
+    store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    data = bytearray(path.read_bytes())
+    data[4096:] = b"\xa5" * (len(data) - 4096)
+    path.write_bytes(bytes(data))
+
+
+def _foreign(path: Path) -> None:
+    """Another tool's SQLite file that happens to have an `etl_runs` table."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE etl_runs (id INTEGER PRIMARY KEY, job TEXT, ok INTEGER)")
+    conn.close()
+
+
+def _newer(path: Path) -> None:
+    store = StateStore(f"sqlite:///{path}")
+    store.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "UPDATE etl_meta SET value = ? WHERE name = 'schema_version'", (SCHEMA_VERSION + 1,)
+        )
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("spoil", "words"),
+    [
+        pytest.param(
+            _garbage,
+            "cannot open it: file is not a database — check --state / ETL_STATE_URL, or move a "
+            "corrupted file aside",
+            id="70-state-not-a-database",
+        ),
+        pytest.param(_torn, "database disk image is malformed", id="71-state-torn"),
+        pytest.param(
+            _foreign,
+            "table etl_runs is not etl's (no column command, mode, started_at, finished_at, "
+            "status, streams, error, host, pid) — point --state / ETL_STATE_URL at a "
+            "database (or file) of its own",
+            id="72-state-foreign",
+        ),
+        pytest.param(
+            _newer,
+            f"written by a newer etl (schema {SCHEMA_VERSION + 1}, this etl knows "
+            f"{SCHEMA_VERSION}) — upgrade etl, or point --state at a fresh store",
+            id="73-state-from-a-newer-etl",
+        ),
+    ],
+)
+def test_a_corrupted_foreign_or_newer_state_store_exits_1_and_is_left_alone(
+    scene: Scene, spoil: Callable[[Path], None], words: str
+) -> None:
+    """70-73. A state file that is not a database, a torn copy, another tool's tables,
+    a store from a newer etl: exit 1 naming the store and what to do, nothing sent,
+    and the file is not modified."""
+    spoil(scene.state_file)
+    before = contents(scene.state_file)
+    result = scene.run("sync")
+    assert result.exit_code == 1, result.stderr
+    assert f"state store sqlite:///{scene.state_file}" in result.stderr
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+    assert scene.receiver.requests() == []
+    assert contents(scene.state_file) == before
+
+
+def test_a_run_holding_the_lock_makes_the_next_exit_4_naming_it(scene: Scene) -> None:
+    """74. Another process holds the state store's lock: exit 4 naming its pid, host
+    and start, nothing sent; once it lets go, the next run goes through."""
+    holder = {"pid": 4242, "host": "etl-1", "command": "sync", "since": "2024-03-01T02:17:00+00:00"}
+    scene.run("state", "show")  # nothing to lock yet: the lock file sits beside the store
+    lock_path = f"{scene.state_file}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        result = scene.run("sync")
+    finally:
+        os.close(fd)
+    assert result.exit_code == 4
+    assert "another run holds the lock" in result.stderr
+    assert "pid 4242 on etl-1 (sync, since 2024-03-01T02:17:00+00:00)" in result.stderr
+    assert "wait for it to finish, or stop it" in result.stderr
+    assert scene.receiver.requests() == []
+    assert scene.run("sync").exit_code == 0
+
+
+class _DiskFull:
+    """Makes the state store's SQLite file full after `pages` pages: SQLite's own
+    `max_page_count`, so the real "database or disk is full" comes back."""
+
+    def __init__(self, path: Path, pages: int) -> None:
+        self.path, self.pages = str(path), pages
+
+    def __call__(self, dbapi_conn: Any, _record: Any) -> None:
+        if isinstance(dbapi_conn, sqlite3.Connection):
+            name = dbapi_conn.execute("PRAGMA database_list").fetchone()[2]
+            if name == self.path:
+                dbapi_conn.execute(f"PRAGMA max_page_count = {self.pages}")
+
+
+def test_disk_full_while_saving_state_exits_1_and_the_next_run_loses_nothing(
+    scene: Scene,
+) -> None:
+    """75. The disk fills up while acknowledged batches are being recorded: exit 1
+    with SQLite's words and the fix; nothing unacknowledged is marked as sent; the
+    next run (disk freed) delivers every record, re-sending any batch it could not
+    record under the same event ids."""
+    seed_more = [user_row(i) for i in range(6, 200)]
+    scene.execute(users.insert().values(seed_more))
+    StateStore(scene.env["ETL_STATE_URL"]).close()
+    with sqlite3.connect(scene.state_file) as conn:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.close()
+    full = _DiskFull(scene.state_file, pages + 3)
+    sa.event.listen(sa.pool.Pool, "connect", full)
+    try:
+        result = scene.run("sync", "--batch-size", "10")
+    finally:
+        sa.event.remove(sa.pool.Pool, "connect", full)
+    assert result.exit_code == 1
+    assert "database or disk is full — check the disk, permissions" in result.stderr
+    first = scene.receiver.events()
+    assert first  # some batches were delivered before the disk filled up
+    state = state_of(scene.env["ETL_STATE_URL"])
+    delivered = {e["user_id"] for e in first if e["event_type"] == "user_identify"}
+    assert state["keys"].get("users", set()) <= delivered
+    assert len(state["keys"].get("users", set())) < 200
+    assert scene.run("sync").exit_code == 0
+    events = scene.receiver.events()
+    assert {e["user_id"] for e in events if e["event_type"] == "user_identify"} == {
+        user_id(i) for i in range(200)
+    }
+    ids: dict[str, set[str]] = {}
+    for event in events:
+        ids.setdefault(event["user_id"] + event["event_type"], set()).add(event["event_id"])
+    assert all(len(v) == 1 for v in ids.values())  # re-sent, never re-worded
+    assert state_of(scene.env["ETL_STATE_URL"])["keys"]["users"] == {user_id(i) for i in range(200)}
+
+
+def child(env: Mapping[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`python -m etl ARGS` as a process of its own, output appended to `log`."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "etl", *args],
+            env={**os.environ, **env, "PYTHONPATH": path},
+            cwd=log.parent,
+            stdout=out,
+            stderr=out,
+        )
+
+
+def test_sigterm_during_a_run_stops_cleanly_and_the_next_run_finishes(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """76. SIGTERM (a deploy, `kubectl delete pod`) mid-run: the in-flight batches
+    finish, exit 1 with `run.stopping` and "stopped by a signal"; every record the
+    state marks as sent was received, the users' watermark did not move; the next
+    run delivers the rest."""
+    seed(sqlite_url, n_workspaces=3, n_users=300)
+    copy_mappings(tmp_path / "mappings")
+    plan = FaultPlan.from_json(json.dumps({"latency_ms": [40, 60]}))
+    with start_receiver(store=tmp_path / "received.db", tokens={TOKEN}, faults=plan) as rx:
+        env = cli_env(tmp_path, sqlite_url, rx.url, ETL_BATCH_SIZE="10", ETL_CONCURRENCY="1")
+        log = tmp_path / "run.log"
+        proc = child(env, log, "sync")
+        try:
+            for _ in range(400):  # at most 20 s
+                if any(e["event_type"] == "user_identify" for e in rx.events()):
+                    break
+                time.sleep(0.05)
+            os.kill(proc.pid, signal.SIGTERM)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        output = log.read_text()
+        assert code == 1, output[-3000:]
+        assert '"event": "run.stopping"' in output
+        assert '"signal": "SIGTERM"' in output
+        assert "stopped by a signal after the in-flight batches were acknowledged" in output
+        state = state_of(env["ETL_STATE_URL"])
+        received = {e["user_id"] for e in rx.events() if e["event_type"] == "user_identify"}
+        assert state["keys"]["users"] <= received
+        assert len(received) < 300
+        assert state["watermarks"].get("users") is None
+        assert state["runs"][0]["status"] == "failed"
+        assert run_cli(["sync"], env).exit_code == 0
+        received = {e["user_id"] for e in rx.events() if e["event_type"] == "user_identify"}
+        assert received == {user_id(i) for i in range(300)}
+
+
+# ================================================================ responses
+
+
+def _swallowing(handler: BaseHTTPRequestHandler, stopping: threading.Event) -> None:
+    """Headers and the start of a body, then nothing: a response that never ends."""
+    handler.send_response(200)
+    handler.send_header("content-type", "application/json")
+    handler.send_header("content-length", "1000")
+    handler.end_headers()
+    handler.wfile.write(b'{"status":')
+    handler.wfile.flush()
+    stopping.wait(30)
+
+
+@pytest.mark.parametrize(
+    ("respond", "words"),
+    [
+        pytest.param(
+            reply(200, b"<html><body>Sign in to continue</body></html>", "text/html"),
+            "answered HTTP 200 with a non-JSON body (text/html) instead of the API's JSON — "
+            "likely a proxy or login page in front of the endpoint; check HYPERENGAGE_ENDPOINT",
+            id="77-html-200",
+        ),
+        pytest.param(
+            reply(200, b""),
+            "answered HTTP 200 with an empty body (application/json)",
+            id="78-empty-200",
+        ),
+        pytest.param(
+            reply(200, b'{"message": "workspace is suspended", "error": ""}'),
+            "answered HTTP 200 but the API refused the batch: workspace is suspended — fix what "
+            "the message names",
+            id="79-200-with-a-message",
+        ),
+        pytest.param(
+            reply(302, b"", "text/html"),
+            "answered HTTP 302 redirect to nowhere, not followed (a 301/302 turns a POST into a "
+            "GET) — set HYPERENGAGE_ENDPOINT to the final URL",
+            id="80-redirect",
+        ),
+        pytest.param(
+            _swallowing,
+            "; last answer: ReadTimeout",
+            id="81-never-ending-response",
+        ),
+        pytest.param(
+            reply(503, b'{"message": "maintenance"}'),
+            "; last answer: HTTP 503 Service Unavailable: maintenance — the API or the network",
+            id="82-503-forever",
+        ),
+    ],
+)
+def test_an_answer_that_is_not_an_acknowledgement_exits_1_marking_nothing_sent(
+    scene: Scene, quick_retries: None, respond: Respond, words: str
+) -> None:
+    """77-82. A proxy's login page, an empty 200, a 200 that says no, a redirect, a
+    body that never ends (read timeout), a 503 that never heals: exit 1 with the
+    cause and the fix; no record is marked as sent, no watermark moves, and the
+    token appears nowhere."""
+    with answering(respond) as endpoint:
+        result = scene.run("sync", HYPERENGAGE_ENDPOINT=endpoint)
+    assert result.exit_code == 1, result.stderr
+    assert words in result.stderr
+    if "last answer" in words:
+        assert "gave up after 3 attempt(s)" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+    state = state_of(scene.env["ETL_STATE_URL"])
+    assert not any(state["keys"].values())
+    assert not any(state["watermarks"].values())
+    assert TOKEN.encode() not in scene.state_file.read_bytes()
+
+
+@pytest.mark.parametrize("log_format", ["83-json-logs", "83-console-logs"])
+def test_a_401_that_echoes_the_token_never_puts_it_in_the_logs(
+    scene: Scene, tmp_path: Path, log_format: str
+) -> None:
+    """83. The API's 401 body quotes the token it was given: the run exits 1 naming
+    HYPERENGAGE_TOKEN, and the token is in no output, log line or state."""
+    with start_receiver(store=tmp_path / "other.db", tokens={"someone-elses-token"}) as rx:
+        result = scene.run(
+            "sync", HYPERENGAGE_ENDPOINT=rx.url, ETL_LOG_FORMAT=log_format.split("-")[1]
+        )
+        assert rx.requests()  # the bait was offered
+    assert result.exit_code == 1
+    assert "HTTP 401: the token is wrong or missing — check HYPERENGAGE_TOKEN" in result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+    runs = scene.run("runs", "--format", "json")
+    assert TOKEN not in runs.stdout
+    assert TOKEN.encode() not in scene.state_file.read_bytes()
+
+
+def test_a_400_for_one_record_rejects_it_alone_and_delivers_the_rest(scene: Scene) -> None:
+    """84. The API refuses one event (400): bisection isolates it, it is kept as
+    rejected with the server's message (exit 3, `etl state show` lists it), every
+    other record is delivered."""
+    plan = FaultPlan.from_json(
+        json.dumps({"reject_events_where": {"traits.email": "user3@example.com"}})
+    )
+    with start_receiver(store=scene.tmp / "picky.db", tokens={TOKEN}, faults=plan) as rx:
+        result = scene.run("sync", HYPERENGAGE_ENDPOINT=rx.url)
+        delivered = {e["user_id"] for e in rx.events() if e["event_type"] == "user_identify"}
+    assert result.exit_code == 3
+    assert delivered == {user_id(i) for i in range(6)} - {user_id(3)}
+    rejected = state_of(scene.env["ETL_STATE_URL"])["rejected"]
+    assert [(r["key"], r["attempts"]) for r in rejected] == [(user_id(3), 1)]
+    assert "HTTP 400" in rejected[0]["message"]
+    shown = scene.run("state", "show")
+    assert user_id(3) in shown.stdout
+    assert "rejected records (retried by the next sync)" in shown.stdout
+
+
+# ================================================================ property
+
+
+SQLITE_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),  # SQLite stores NaN as NULL
+    st.text(st.characters(codec="utf-8"), max_size=40),
+    st.binary(max_size=12),
+    st.datetimes(),
+    st.sampled_from(["", " ", "NaN", "infinity", "2024-13-45", "[1, [2]]", '["a"]', "{}"]),
+)
+BAD_UTF8 = object()  # a marker: this cell gets invalid UTF-8 text, written with CAST
+PEOPLE_COLUMNS = ("ws", "email", "name", "created_at", "score", "flag", "tags", "seen")
+PROPERTY_YML = """
+event_type: user_identify
+source: {table: people}
+key: id
+cursor: updated_at
+user_id: id
+account_id: ws
+traits:
+  email: email
+  name: name
+  created_at: created_at
+  score: {column: score, type: number}
+  flag: {column: flag, type: boolean}
+  tags: {column: tags, type: string_array}
+  seen: seen
+"""
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    rows=st.lists(
+        st.tuples(
+            *(st.one_of(SQLITE_SCALARS, st.just(BAD_UTF8)) for _ in PEOPLE_COLUMNS),
+            st.datetimes(dt.datetime(2000, 1, 1), dt.datetime(2030, 1, 1)),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_any_rows_of_random_scalars_are_delivered_or_listed_invalid(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[tuple[Any, ...]]
+) -> None:
+    """85. Property, end to end (the pure form is tests/test_transform.py::
+    test_any_row_becomes_a_valid_event_or_an_invalid_record): random rows of any
+    SQLite scalar (NULL, ints to 2^63, ±inf, any text with NUL and emoji, invalid
+    UTF-8, blobs, datetimes) in a real table, one `etl sync --page-size 3`: exit 0
+    or 3, never 1; every row is either received or listed invalid with a reason."""
+    tmp = tmp_path_factory.mktemp("random")
+    url = f"sqlite:///{tmp / 'source.db'}"
+    statements = [
+        "CREATE TABLE people (id INTEGER PRIMARY KEY, "
+        + ", ".join(PEOPLE_COLUMNS)
+        + ", updated_at TIMESTAMP)"
+    ]
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(statements[0])
+            for number, row in enumerate(rows, 1):
+                values = [None if v is BAD_UTF8 else v for v in row[:-1]]
+                conn.exec_driver_sql(
+                    f"INSERT INTO people VALUES (?, {', '.join('?' * len(values))}, ?)",
+                    (number, *values, row[-1].isoformat(sep=" ")),
+                )
+                for column, value in zip(PEOPLE_COLUMNS, row, strict=False):
+                    if value is BAD_UTF8:
+                        conn.exec_driver_sql(
+                            f"UPDATE people SET {column} = CAST(x'61ff' AS TEXT) WHERE id = ?",
+                            (number,),
+                        )
+    finally:
+        engine.dispose()
+    (tmp / "mappings").mkdir()
+    (tmp / "mappings" / "people.yml").write_text(PROPERTY_YML)
+    with start_receiver(store=tmp / "received.db", tokens={TOKEN}) as rx:
+        env = cli_env(tmp, url, rx.url)
+        result = run_cli(["sync", "--page-size", "3"], env)
+        received = {e["user_id"] for e in rx.events()}
+    assert result.exit_code in (0, 3), result.stderr[-3000:]
+    state = state_of(env["ETL_STATE_URL"])
+    invalid = invalid_of(state["runs"][0], "people")
+    assert all(invalid.values())  # each with a reason
+    every = {str(n) for n in range(1, len(rows) + 1)}
+    assert received | set(invalid) == every
+    assert not received & set(invalid)
+    assert state["keys"]["people"] == received

@@ -167,3 +167,28 @@ def test_an_unsupported_state_database_is_refused() -> None:
     """MySQL is a source, not a state store: the message says which to use."""
     with pytest.raises(StateError, match="unsupported database"):
         StateStore("mysql+pymysql://root@127.0.0.1/test")
+
+
+def test_a_store_from_schema_1_is_migrated_in_place(tmp_path: Path) -> None:
+    """A state file written before row digests existed gains the column and keeps its data."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE etl_meta (name VARCHAR(64) PRIMARY KEY, value TEXT)")
+        conn.exec_driver_sql("INSERT INTO etl_meta VALUES ('schema_version', '1')")
+        conn.exec_driver_sql(
+            "CREATE TABLE etl_records (stream VARCHAR(200), key TEXT, hash VARCHAR(32), "
+            "payload TEXT, event_id VARCHAR(36), sent_at DATETIME, PRIMARY KEY (stream, key))"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO etl_records VALUES "
+            "('users', 'k1', 'h1', '{}', 'e1', '2024-01-01 00:00:00')"
+        )
+    engine.dispose()
+    store = StateStore(url)
+    try:
+        assert store.last_sent("users", ["k1"]) == {"k1": LastSent("h1", None, None)}
+        store.commit_batch("users", [Sent("k2", "h2", b"{}", "e2", "src2")])
+        assert store.last_sent("users", ["k2"])["k2"].source == "src2"
+    finally:
+        store.close()
