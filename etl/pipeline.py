@@ -371,6 +371,7 @@ class _Flow:
     checkpoints: deque[tuple[int, list[Any]]] = field(default_factory=deque)
     state_name: str = ""
     had_rejects: bool = True  # any reject of this stream pending when it started
+    seen_keys: set[str] | None = None  # dry run --full: every key read, to find the gone
     # Keys of pending rejects this run retries; those read so far; those found
     # unchanged since last delivered (nothing left to retry).
     retrying: set[str] = field(default_factory=set)
@@ -418,20 +419,28 @@ class _Flow:
             last = self.io.state.last_sent(
                 stream, [key for key, _ in keyed], with_payload=with_payload
             )
+            seen_keys = self.seen_keys
             for key, row in keyed:
+                if seen_keys is not None:
+                    seen_keys.add(key)
                 digest = row_fingerprint(row, self.salt)
                 previous = last.get(key)
                 duplicate = self._duplicate(key)
                 if shortcut and not duplicate and previous and previous.source == digest:
-                    cursor = row[n_keys] if self.mapping.cursor else None
-                    record = Record(key=key, cursor=cursor, payload=None)
-                    change = Change(kind="unchanged", record=record, hash=previous.hash)
-                else:
-                    record = self.transform(row)
-                    if duplicate:
-                        record = _duplicate_key(record)
-                    change = verdict(record, previous)
+                    # Unchanged, known without transforming: counted here and not
+                    # yielded (nothing downstream acts on it), the hot path of a
+                    # no-change --full sync.
+                    self.tally.unchanged += 1
+                    if key in self.retrying:
+                        self.unchanged_rejects.add(key)
+                    continue
+                record = self.transform(row)
+                if duplicate:
+                    record = _duplicate_key(record)
+                change = verdict(record, previous)
                 self._count(change)
+                if change.kind == "unchanged" and key in self.retrying:
+                    self.unchanged_rejects.add(key)
                 yield change, list(row[:n_keys]), digest
             self.tally.read += len(keyed)
             if self.options.mode == "backfill":
@@ -499,8 +508,6 @@ class _Flow:
         for change, key_values, source_hash in self.changes(pages, with_payload=False):
             record = change.record
             if change.kind == "invalid" or (change.kind == "unchanged" and not send_unchanged):
-                if change.kind == "unchanged" and record.key in self.retrying:
-                    self.unchanged_rejects.add(record.key)
                 continue
             if stop.is_set():
                 # A signal: queue nothing more, not even the rest of this page (a pod
@@ -568,10 +575,8 @@ class _Flow:
     def dry_run(self, pages: Iterator[list[tuple[Any, ...]]], *, list_gone: bool) -> None:
         limit = self.options.diff_limit
         tally = self.tally
-        seen_keys: set[str] | None = set() if list_gone else None
+        seen_keys = self.seen_keys = set() if list_gone else None
         for change, _, _ in self.changes(pages, with_payload=True):
-            if seen_keys is not None:
-                seen_keys.add(change.record.key)
             if change.kind == "unchanged":
                 continue
             if limit is not None and len(tally.diff_records) >= limit:
