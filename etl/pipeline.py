@@ -48,6 +48,7 @@ from etl.transform import (
     record_key,
     to_event,
 )
+from etl.writer import OrderedWriter
 
 log = structlog.get_logger("etl")
 
@@ -372,6 +373,7 @@ class _Flow:
     state_name: str = ""
     had_rejects: bool = True  # any reject of this stream pending when it started
     seen_keys: set[str] | None = None  # dry run --full: every key read, to find the gone
+    writer: OrderedWriter | None = None  # state writes of acknowledged batches
     # Keys of pending rejects this run retries; those read so far; those found
     # unchanged since last delivered (nothing left to retry).
     retrying: set[str] = field(default_factory=set)
@@ -494,13 +496,19 @@ class _Flow:
     def deliver(self, pages: Iterator[list[tuple[Any, ...]]]) -> Any:
         if self.io.client is None:
             raise ValueError("deliver needs an HTTP client")
-        return load.deliver(
-            self._outgoing(pages),
-            config=self.io.delivery,
-            on_result=self._on_result,
-            client=self.io.client,
-            sleep=self.io.sleep,
-        )
+        self.writer = OrderedWriter()
+        try:
+            return load.deliver(
+                self._outgoing(pages),
+                config=self.io.delivery,
+                on_result=self._on_result,
+                client=self.io.client,
+                sleep=self.io.sleep,
+            )
+        finally:
+            # Acknowledged batches are committed even when delivery failed later.
+            writer, self.writer = self.writer, None
+            writer.close()
 
     def _outgoing(self, pages: Iterator[list[tuple[Any, ...]]]) -> Iterator[Outgoing]:
         send_unchanged = self.options.force
@@ -541,8 +549,12 @@ class _Flow:
         rejected = [
             Rejected(o.key, o.ref.key_values, o.event_id, message) for o, message in result.rejected
         ]
-        self.io.state.commit_batch(
-            self.mapping.stream, sent, rejected, clear_rejects=self.had_rejects
+        self._write(
+            self.io.state.commit_batch,
+            self.mapping.stream,
+            sent,
+            rejected,
+            clear_rejects=self.had_rejects,
         )
         for outgoing, message in result.rejected:
             self.tally.rejected += 1
@@ -568,7 +580,16 @@ class _Flow:
         while self.checkpoints and self.checkpoints[0][0] <= self.acked_seq:
             latest = self.checkpoints.popleft()[1]
         if latest is not None:
-            self.io.state.save_checkpoint(self.state_name or self.mapping.stream, latest)
+            self._write(
+                self.io.state.save_checkpoint, self.state_name or self.mapping.stream, latest
+            )
+
+    def _write(self, call: Any, *args: Any, **kwargs: Any) -> None:
+        """A state write: on the writer thread while delivering, else right here."""
+        if self.writer is not None:
+            self.writer.submit(call, *args, **kwargs)
+        else:
+            call(*args, **kwargs)
 
     # ------------------------------------------------------------ dry run
 
