@@ -401,14 +401,17 @@ def safe_horizon(
     return Horizon(value=clock, clock=clock)
 
 
+# Sessions the role may not see show datname and pid but NULL everything else
+# (backend_type and xact_start included): counted apart, they cannot hold us back.
 _PG_HORIZON = """
 SELECT now(),
-       min(xact_start) FILTER (WHERE xact_start > now() - %(age)s::interval),
-       min(xact_start) FILTER (WHERE xact_start <= now() - %(age)s::interval),
-       count(*) FILTER (WHERE query = '<insufficient privilege>')
+       min(xact_start) FILTER (WHERE backend_type = 'client backend'
+                               AND xact_start > now() - %(age)s::interval),
+       min(xact_start) FILTER (WHERE backend_type = 'client backend'
+                               AND xact_start <= now() - %(age)s::interval),
+       count(*) FILTER (WHERE backend_type IS NULL AND query = '<insufficient privilege>')
 FROM pg_stat_activity
 WHERE datname = current_database() AND pid <> pg_backend_pid()
-  AND backend_type = 'client backend'
 """
 
 

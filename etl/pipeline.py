@@ -10,6 +10,7 @@ and the writing.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 import time
 from collections import deque
@@ -83,6 +84,7 @@ class Collaborators:
     progress: Progress | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     sleep: Callable[[float], None] = time.sleep
+    noted: set[str] = field(default_factory=set)  # horizon notes already logged this run
 
 
 class _Ref(NamedTuple):
@@ -193,7 +195,11 @@ def run_stream(
             conn, mapping, src, max_transaction_age=options.max_transaction_age
         )
         for note in horizon.notes:
-            bound.warning("horizon.limited", note=note)
+            # once a run, not once a stream: the cause is the role, not the stream
+            kind = re.sub(r"[0-9]+", "#", note)
+            if kind not in io.noted:
+                io.noted.add(kind)
+                bound.warning("horizon.limited", note=note)
         total = extract.estimate_rows(conn, mapping, src) if io.progress else None
         null_cursor = extract.count_null_cursors(conn, mapping, src) if options.dry_run else None
         pages = _pages(

@@ -598,3 +598,38 @@ def test_diff_full_lists_keys_gone_from_the_source(rig: Rig, tmp_path: Path) -> 
     stream = json.loads(result.stdout)["streams"][0]
     assert stream["counts"]["gone"] == 1
     assert [r["key"] for r in stream["records"] if r["kind"] == "gone"] == ["k0001"]
+
+
+@pytest.mark.postgres
+def test_without_privilege_to_see_other_sessions_it_says_so_and_relies_on_lookback(
+    pg: Rig,
+) -> None:
+    """A role that cannot read other sessions' pg_stat_activity rows gets a note, not a crash."""
+    pg.create()
+    pg.mapping()
+    pg.insert(1)
+    role = f"etl_ro_{pg.url.rsplit('_', 1)[-1]}"
+    database = pg.engine.url.database
+    pg.sql(f'CREATE ROLE "{role}" LOGIN')
+    pg.sql(f'GRANT SELECT ON items TO "{role}"')
+    restricted = sa.create_engine(pg.engine.url.set(username=role))
+    try:
+        with pg.engine.connect() as other:
+            other.execute(sa.text("SELECT txid_current()"))  # a transaction left open
+            mapping = load_mappings(pg.tmp / "mappings")[0]
+            with restricted.connect() as conn, extract.read_only(conn):
+                src = extract.source_from(conn, mapping)
+                horizon = extract.safe_horizon(conn, mapping, src)
+            other.rollback()
+    finally:
+        restricted.dispose()
+        pg.sql(f'REVOKE ALL ON items FROM "{role}"')
+        with pg.engine.connect() as conn:
+            conn.execute(sa.text(f'DROP OWNED BY "{role}"'))
+            conn.commit()
+        pg.sql(f'DROP ROLE "{role}"')
+    assert database
+    assert horizon.held_by_transaction is None
+    assert horizon.value == horizon.clock
+    assert any("not visible to this role" in note for note in horizon.notes)
+    assert any("pg_read_all_stats" in note for note in horizon.notes)
