@@ -219,31 +219,34 @@ class StateStore:
     def _check_schema(self, engine: Engine) -> None:
         with engine.connect() as conn:
             inspector = sa.inspect(conn)
+            has_meta = inspector.has_table("etl_meta")
+            version = None
+            if has_meta:
+                version = conn.execute(
+                    sa.select(meta_table.c.value).where(meta_table.c.name == "schema_version")
+                ).scalar()
+            if version is not None and int(version) == SCHEMA_VERSION:
+                return  # ours and current: the common case costs two queries
             foreign = _foreign_table(inspector)
             if foreign:
                 raise StateError(
                     f"state store {_safe_url(self.url)}: {foreign} — point --state / "
                     "ETL_STATE_URL at a database (or file) of its own"
                 )
-            has_meta = inspector.has_table("etl_meta")
             if not has_meta and self.readonly:
                 raise _EmptyStore
-            if has_meta:
-                version = conn.execute(
-                    sa.select(meta_table.c.value).where(meta_table.c.name == "schema_version")
-                ).scalar()
-                if version is not None and int(version) > SCHEMA_VERSION:
-                    raise StateError(
-                        f"state store {_safe_url(self.url)}: written by a newer etl (schema "
-                        f"{version}, this etl knows {SCHEMA_VERSION}) — upgrade etl, or point "
-                        "--state at a fresh store"
-                    )
-                if self.readonly and version is not None and int(version) < SCHEMA_VERSION:
-                    raise StateError(
-                        f"state store {_safe_url(self.url)}: written by an older etl (schema "
-                        f"{version}) and a dry run does not write — run `etl sync` once to "
-                        "upgrade it in place"
-                    )
+            if version is not None and int(version) > SCHEMA_VERSION:
+                raise StateError(
+                    f"state store {_safe_url(self.url)}: written by a newer etl (schema "
+                    f"{version}, this etl knows {SCHEMA_VERSION}) — upgrade etl, or point "
+                    "--state at a fresh store"
+                )
+            if self.readonly and version is not None:
+                raise StateError(
+                    f"state store {_safe_url(self.url)}: written by an older etl (schema "
+                    f"{version}) and a dry run does not write — run `etl sync` once to "
+                    "upgrade it in place"
+                )
         if not self.readonly:
             with engine.begin() as conn:
                 if conn.dialect.name == "postgresql":
