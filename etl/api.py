@@ -22,7 +22,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from etl import extract, load, logs, sourcedb
+from etl import check, extract, load, logs, sourcedb
 from etl.errors import SourceError, UsageError
 from etl.extract import DEFAULT_PAGE_SIZE
 from etl.mapping import load_mappings
@@ -187,7 +187,7 @@ def validate(
     if source_url is None:
         return []
     with _source(source_url) as source:
-        return extract.check_source(source, mappings)
+        return check.check_source(source, mappings)
 
 
 # ---------------------------------------------------------------- plumbing

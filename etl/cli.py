@@ -8,6 +8,7 @@ one place (SPEC §3).
 
 from __future__ import annotations
 
+# Longer than STYLE's split point on purpose: it must stay the only click module.
 import functools
 import signal
 import sys

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import orjson
@@ -124,7 +125,7 @@ def deliver(
     outgoing: Iterable[Outgoing],
     *,
     config: DeliveryConfig,
-    on_result: Callable[[BatchResult], None],
+    on_result: Callable[[BatchResult], Future[Any] | None],
     client: httpx.Client,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
@@ -133,15 +134,21 @@ def deliver(
     """Send every event, `config.concurrency` batches at a time, and give each
     batch's outcome to `on_result` in the caller's thread, in submission order.
 
-    The first RetriableApiError or FatalApiError (or any error in `on_result` or
-    `outgoing`) stops the workers and propagates; batches reported before it
-    stay reported, nothing after it is.
+    `on_result` may hand back a Future for work it finishes elsewhere (the
+    pipeline commits acknowledged batches on a writer thread): the batch keeps
+    its slot until that future is done, so sent-or-acknowledged-but-not-yet-
+    recorded batches never exceed `concurrency` — what a crash can re-send.
+
+    The first RetriableApiError or FatalApiError (or any error in `on_result`,
+    its futures or `outgoing`) stops the workers and propagates; batches
+    reported before it stay reported, nothing after it is.
     """
     check_endpoint(config.endpoint)
     # Jitter needs spread, not secrecy.
     sender = _Sender(client, config, sleep=sleep, clock=clock, rng=rng or random.Random())  # noqa: S311
     totals = _Totals()
     window: deque[Future[_Outcome]] = deque()  # submitted, not yet reported, in order
+    recording: deque[Future[Any]] = deque()  # reported, still being recorded by the caller
     width = max(1, config.concurrency)
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="etl-load") as pool:
         try:
@@ -150,9 +157,9 @@ def deliver(
             ):
                 # Back-pressure: the batch just read waits for a free slot, so we
                 # never read further ahead than `width` batches plus this one.
-                _settle(window, on_result, totals, outstanding=width - 1)
+                _settle(window, recording, on_result, totals, outstanding=width - 1)
                 window.append(pool.submit(sender.send_batch, batch))
-            _settle(window, on_result, totals, outstanding=0)
+            _settle(window, recording, on_result, totals, outstanding=0)
         except BaseException:
             sender.stop()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -162,25 +169,32 @@ def deliver(
 
 def _settle(
     window: deque[Future[_Outcome]],
-    on_result: Callable[[BatchResult], None],
+    recording: deque[Future[Any]],
+    on_result: Callable[[BatchResult], Future[Any] | None],
     totals: _Totals,
     *,
     outstanding: int,
 ) -> None:
     """Report finished batches from the front of `window` until at most
-    `outstanding` remain; raise a batch's error as soon as it is known."""
+    `outstanding` batches are sent or still being recorded; raise a batch's (or
+    a recording's) error as soon as it is known."""
     while True:  # each wait() below finishes at least one of a bounded window
         while window and window[0].done():
             outcome = window.popleft().result()  # raises that batch's error, in order
-            on_result(outcome.result)
+            pending = on_result(outcome.result)
+            if pending is not None:
+                recording.append(pending)
             totals.count(outcome)
-        if len(window) <= outstanding:
+        while recording and recording[0].done():
+            recording.popleft().result()  # raises a failed recording (disk full...)
+        if len(window) + len(recording) <= outstanding:
             return
         # A later batch that failed stops the run now, not when earlier ones finish.
-        for future in window:
+        for future in (*window, *recording):
             if future.done() and (error := future.exception()) is not None:
                 raise error
-        wait([f for f in window if not f.done()], return_when=FIRST_COMPLETED)
+        busy = [f for f in (*window, *recording) if not f.done()]
+        wait(busy, return_when=FIRST_COMPLETED)
 
 
 @dataclass

@@ -4,9 +4,9 @@ and users rehearsing failures before going live (SPEC §2, §3).
 `POST /api/v1/s2s/event?token=T` judges a body as the real server does (401 on
 an unknown token, whole-request 400s, the 51,200-bytes-per-event rule, a 500
 after partial acceptance on a `null` element), stores what it accepts in a
-SQLite file and answers `{"status":"ok"}`. A `FaultPlan` (etl.faults) makes it
-misbehave on purpose and repeatably (seeded). `GET /health` and `GET /stats`
-serve demos.
+SQLite file and answers `{"status":"ok"}`; the rules it copies are in
+etl.receiver_rules. A `FaultPlan` (etl.faults) makes it misbehave on purpose and
+repeatably (seeded). `GET /health` and `GET /stats` serve demos.
 
     start_receiver(...)  serve in a background thread (a context manager)
     serve(...)           serve until Ctrl-C or SIGTERM: `etl receiver`
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import signal
 import socket
 import socketserver
@@ -25,7 +24,7 @@ import sqlite3
 import sys
 import threading
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -45,9 +44,21 @@ from etl.faults import (
     FaultPlan,
     load_fault_plan,
 )
-from etl.model import EVENT_TYPES, REQUIRED_TRAITS
+from etl.receiver_rules import (
+    BYTES_PER_EVENT,
+    CONSTANT_FIELDS,
+    NON_EMPTY_FIELDS,
+    OK_ANSWER,
+    STRING_FIELDS,
+    Answer,
+    Verdict,
+    count_events,
+    error_answer,
+    json_answer,
+    judge,
+)
 
-# The public API, with the fault plan names that moved to etl.faults.
+# The public API, with the names that moved to etl.faults and etl.receiver_rules.
 __all__ = [
     "BYTES_PER_EVENT",
     "CONSTANT_FIELDS",
@@ -68,190 +79,29 @@ __all__ = [
 ]
 
 EVENT_PATH = "/api/v1/s2s/event"
-# The real server refuses an array longer than this many bytes times its events.
-BYTES_PER_EVENT = 51_200
 # Bodies are held in memory whole: refuse absurd ones unread.
 MAX_BODY_BYTES = 64 * 1024 * 1024
-STRING_FIELDS = (
-    "event_id",
-    "user_id",
-    "account_id",
-    "api_key",
-    "workspace_key",
-    "src",
-    "library",
-    "event_type",
-    "screen_resolution",
-    "anonymous_id",
-)
-NON_EMPTY_FIELDS = ("event_id", "user_id", "account_id")
-CONSTANT_FIELDS = {"src": "hyperengage", "library": "http", "screen_resolution": "0"}
 
 log = structlog.get_logger()
 
 
-# --- judging a request -------------------------------------------------------
+# --- fault answers -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Answer:
-    """An HTTP answer to write back."""
-
-    status: int
-    body: bytes = b""
-    content_type: str | None = "application/json"
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    """What to do with one event POST: the answer (None: hang up without one),
-    the events to store, and what the request log says about it."""
-
-    answer: _Answer | None
-    accepted: tuple[dict[str, Any], ...] = ()
-    n_events: int = 0
-    fault: str | None = None
-
-
-def _json_answer(status: int, payload: Any) -> _Answer:
-    return _Answer(status, orjson.dumps(payload))
-
-
-def _error(status: int, message: str) -> _Answer:
-    """An error in the real server's shape."""
-    return _json_answer(status, {"message": message, "error": ""})
-
-
-OK_ANSWER = _json_answer(200, {"status": "ok"})
-
-
-def _canned_answer(fault: Fault) -> _Answer | None:
+def _canned_answer(fault: Fault) -> Answer | None:
     """The answer of a fault that never looks at the body (None: hang up)."""
     if fault.name == "drop":
         return None
     if fault.name == "html_200":  # a proxy's login page
-        return _Answer(200, b"<html>login</html>", "text/html")
+        return Answer(200, b"<html>login</html>", "text/html")
     if fault.name == "empty_200":
-        return _Answer(200, b"", None)
+        return Answer(200, b"", None)
     if fault.name == "redirect":
-        return _Answer(302, b"", None, (("Location", "/login"),))
+        return Answer(302, b"", None, (("Location", "/login"),))
     headers = () if fault.retry_after is None else (("Retry-After", f"{fault.retry_after:g}"),)
     return replace(
-        _error(fault.status or 500, f"injected fault: HTTP {fault.status}"), headers=headers
+        error_answer(fault.status or 500, f"injected fault: HTTP {fault.status}"), headers=headers
     )
-
-
-def _judge(
-    body: bytes, token: str | None, *, tokens: Collection[str], reject: tuple[tuple[str, Any], ...]
-) -> _Verdict:
-    """The real server's verdict on one POST, plus the fault plan's refusals."""
-    if token is None or token not in tokens:
-        # Echoed as the real server does: clients must never log bodies raw.
-        return _Verdict(_error(401, f"invalid token: {token or ''}"))
-    events = _parse_body(body)
-    if isinstance(events, str):
-        return _Verdict(_error(400, events), n_events=_count_events(body))
-    for index, event in enumerate(events):
-        if event is None:  # the real server crashes here, keeping what came before
-            message = f"event {index}: null element (internal error after {index} events)"
-            return _Verdict(_error(500, message), tuple(events[:index]), len(events))
-        if problem := _event_problem(event):
-            return _Verdict(_error(400, f"event {index}: {problem}"), n_events=len(events))
-        if rule := _matching_rule(event, reject):
-            message = f"event {index}: refused by the fault plan: {rule}"
-            return _Verdict(_error(400, message), n_events=len(events), fault="reject_events_where")
-    return _Verdict(OK_ANSWER, tuple(events), len(events))
-
-
-def _parse_body(body: bytes) -> list[Any] | str:
-    """The events of a body, or why the whole request is malformed."""
-    if body[:1] not in (b"[", b"{"):
-        return "body must start with '[' or '{' (no leading whitespace or byte order mark)"
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        return f"body is not valid JSON: {exc}"
-    events = data if isinstance(data, list) else [data]
-    if not events:
-        return "the array holds no events"
-    if len(body) > BYTES_PER_EVENT * len(events):
-        return (
-            f"body of {len(body)} bytes is over {BYTES_PER_EVENT} bytes "
-            f"per event for {len(events)} events"
-        )
-    return events
-
-
-def _count_events(body: bytes) -> int:
-    """How many events a body holds, for the request log; 0 when it is not JSON."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return 0
-    return len(data) if isinstance(data, list) else 1
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string"}
-    names |= {list: "array", dict: "object", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _event_problem(event: Any) -> str | None:
-    """Why one event breaks SPEC §2, or None."""
-    if not isinstance(event, dict):
-        return f"must be an object, not {_json_type(event)}"
-    for name in STRING_FIELDS:
-        if name not in event:
-            return f"field '{name}' is missing"
-        if not isinstance(event[name], str):
-            return f"field '{name}' must be a string, not {_json_type(event[name])}"
-        if name in NON_EMPTY_FIELDS and not event[name]:
-            return f"field '{name}' must not be empty"
-    if event["event_type"] not in EVENT_TYPES:
-        return f"event_type must be one of {', '.join(EVENT_TYPES)}, not {event['event_type']!r}"
-    for name, expected in CONSTANT_FIELDS.items():
-        if event[name] != expected:
-            return f"field '{name}' must be {expected!r}, not {event[name]!r}"
-    if "url" in event and not isinstance(event["url"], str):
-        return f"field 'url' must be a string, not {_json_type(event['url'])}"
-    return _traits_problem(event["event_type"], event.get("traits"))
-
-
-def _traits_problem(event_type: Any, traits: Any) -> str | None:
-    if not isinstance(traits, dict):
-        return f"traits must be an object, not {_json_type(traits)}"
-    for name, value in traits.items():
-        if not _is_trait_value(value):
-            return (
-                f"traits.{name} must be a number, boolean, string or array of strings, "
-                f"not {_json_type(value)}"
-            )
-    for name in REQUIRED_TRAITS[event_type]:
-        if traits.get(name) in (None, "", []):
-            return f"traits.{name} is required for {event_type}"
-    return None
-
-
-def _is_trait_value(value: Any) -> bool:
-    if isinstance(value, bool | int | float | str):
-        return True
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
-def _matching_rule(event: dict[str, Any], reject: tuple[tuple[str, Any], ...]) -> str | None:
-    """The first `reject_events_where` rule this event matches, as `path == value`."""
-    for path, expected in reject:
-        value: Any = event
-        for part in path.split("."):
-            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
-        if value == expected:
-            return f"{path} == {json.dumps(expected)}"
-    return None
-
-
-_MISSING = object()
 
 
 # --- the store ---------------------------------------------------------------
@@ -307,7 +157,7 @@ class _Store:
             raise UsageError(f"{path}: cannot open the receiver store ({exc})") from exc
         self._lock = threading.Lock()
 
-    def add(self, verdict: _Verdict, n_bytes: int) -> None:
+    def add(self, verdict: Verdict, n_bytes: int) -> None:
         """Log one request and store its accepted events, in one transaction."""
         now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         status = verdict.answer.status if verdict.answer else None
@@ -377,12 +227,14 @@ class _Receiver:
         # Set on stop: wakes requests sleeping in a hang or latency.
         self.stopping = threading.Event()
 
-    def answer_post(self, body: bytes, token: str | None) -> _Answer | None:
+    def answer_post(self, body: bytes, token: str | None) -> Answer | None:
         """The answer to one event POST, or None to hang up without one."""
         cap = self._plan.max_request_bytes
         if cap is not None and len(body) > cap:  # before any other fault, as a proxy would
             message = f"request of {len(body)} bytes is over the {cap}-byte limit"
-            verdict = _Verdict(_error(413, message), (), _count_events(body), "max_request_bytes")
+            verdict = Verdict(
+                error_answer(413, message), (), count_events(body), "max_request_bytes"
+            )
         else:
             fault, latency = self._picker.pick()
             verdict = self._apply(fault, body, token, latency)
@@ -397,29 +249,29 @@ class _Receiver:
         )
         return verdict.answer
 
-    def _apply(self, fault: Fault, body: bytes, token: str | None, latency: float) -> _Verdict:
+    def _apply(self, fault: Fault, body: bytes, token: str | None, latency: float) -> Verdict:
         if latency and self.stopping.wait(latency):
-            return _Verdict(None, n_events=_count_events(body), fault="stopping")
+            return Verdict(None, n_events=count_events(body), fault="stopping")
         if fault.name == "hang" and self.stopping.wait(self._plan.hang_seconds):
-            return _Verdict(None, n_events=_count_events(body), fault="hang")
+            return Verdict(None, n_events=count_events(body), fault="hang")
         if fault.name not in ("ok", "hang", "accept_then_500"):
-            return _Verdict(_canned_answer(fault), n_events=_count_events(body), fault=fault.label)
-        verdict = _judge(body, token, tokens=self._tokens, reject=self._plan.reject_events_where)
+            return Verdict(_canned_answer(fault), n_events=count_events(body), fault=fault.label)
+        verdict = judge(body, token, tokens=self._tokens, reject=self._plan.reject_events_where)
         if fault.name == "accept_then_500" and verdict.answer == OK_ANSWER:
             # The ambiguous failure: stored, yet the client is told it failed.
-            failed = _error(500, "injected fault: accepted, then failed")
+            failed = error_answer(500, "injected fault: accepted, then failed")
             return replace(verdict, answer=failed, fault=fault.label)
         return replace(verdict, fault=verdict.fault or fault.label)
 
-    def answer_get(self, path: str) -> _Answer:
+    def answer_get(self, path: str) -> Answer:
         """Health and stats for demos; the event path only takes POST."""
         if path == "/health":
             return OK_ANSWER
         if path == "/stats":
-            return _json_answer(200, self.store.stats())
+            return json_answer(200, self.store.stats())
         if path == EVENT_PATH:
-            return replace(_error(405, "use POST"), headers=(("Allow", "POST"),))
-        return _error(404, f"no such path: {path}")
+            return replace(error_answer(405, "use POST"), headers=(("Allow", "POST"),))
+        return error_answer(404, f"no such path: {path}")
 
 
 def _split_target(target: str) -> tuple[str, str | None]:
@@ -445,7 +297,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         if path != EVENT_PATH:
-            self._send(_error(404, f"no such path: {path}"))
+            self._send(error_answer(404, f"no such path: {path}"))
             return
         answer = self.server.receiver.answer_post(body, token)
         if answer is None:  # "drop": close without a word
@@ -459,7 +311,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refuse_method(self) -> None:
         self.close_connection = True  # the body, if any, was not read
-        self._send(replace(_error(405, "use POST or GET"), headers=(("Allow", "GET, POST"),)))
+        self._send(replace(error_answer(405, "use POST or GET"), headers=(("Allow", "GET, POST"),)))
 
     do_PUT = do_PATCH = do_DELETE = _refuse_method
 
@@ -468,15 +320,15 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "")
         if not length.isdigit():
             self.close_connection = True
-            self._send(_error(411, "a Content-Length header is required"))
+            self._send(error_answer(411, "a Content-Length header is required"))
             return None
         if int(length) > MAX_BODY_BYTES:
             self.close_connection = True
-            self._send(_error(413, f"request body over {MAX_BODY_BYTES} bytes"))
+            self._send(error_answer(413, f"request body over {MAX_BODY_BYTES} bytes"))
             return None
         return self.rfile.read(int(length))
 
-    def _send(self, answer: _Answer) -> None:
+    def _send(self, answer: Answer) -> None:
         self.send_response(answer.status)
         if answer.content_type:
             self.send_header("Content-Type", answer.content_type)

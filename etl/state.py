@@ -8,96 +8,40 @@ a state from which the next run delivers everything (SPEC §7):
 * a stream's watermark only after the whole stream was delivered.
 
 Opened with `readonly=True` (for `etl diff`) it never writes, never creates a
-file or a table, and a missing store reads as empty.
+file or a table, and a missing store reads as empty. Opening and the tables
+are `schema`'s, the run lock's mechanics `lock`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
-import json
 import os
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
 from etl.diff import LastSent
-from etl.errors import LockedError, StateError, UsageError
-from etl.extract import Watermark
+from etl.errors import StateError, UsageError
+from etl.horizon import Watermark
+from etl.lock import RunLock
 from etl.model import Shard
+from etl.schema import (
+    open_engine,
+    records_table,
+    rejects_table,
+    runs_table,
+    safe_url,
+    streams_table,
+    upsert,
+)
 
-# 1: first release. 2: etl_records.source_hash (row digests that skip transform).
-SCHEMA_VERSION = 2
 UTC = dt.UTC
-
-metadata = sa.MetaData()
-
-meta_table = sa.Table(
-    "etl_meta",
-    metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-)
-streams_table = sa.Table(
-    "etl_streams",
-    metadata,
-    sa.Column("stream", sa.String(200), primary_key=True),
-    sa.Column("watermark", sa.Text),  # ISO-8601 with offset and microseconds, or an integer
-    sa.Column("watermark_kind", sa.String(16)),  # "datetime" | "integer"
-    sa.Column("fingerprint", sa.String(64)),
-    sa.Column("checkpoint", sa.Text),  # backfill: JSON list of the last acknowledged key
-    sa.Column("updated_at", sa.DateTime(timezone=True)),
-)
-records_table = sa.Table(
-    "etl_records",
-    metadata,
-    sa.Column("stream", sa.String(200), primary_key=True),
-    sa.Column("key", sa.Text, primary_key=True),
-    sa.Column("hash", sa.String(32), nullable=False),
-    sa.Column("source_hash", sa.String(32)),  # digest of the source row, to skip transform
-    sa.Column("payload", sa.Text, nullable=False),  # canonical JSON last sent
-    sa.Column("event_id", sa.String(36), nullable=False),
-    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
-    # SQLite: cluster rows on (stream, key) instead of a rowid table plus a PK
-    # index, so each upsert writes one B-tree, not two.
-    sqlite_with_rowid=False,
-)
-rejects_table = sa.Table(
-    "etl_rejects",
-    metadata,
-    sa.Column("stream", sa.String(200), primary_key=True),
-    sa.Column("key", sa.Text, primary_key=True),
-    sa.Column("key_values", sa.Text, nullable=False),  # JSON list, to re-read the row
-    sa.Column("event_id", sa.String(36), nullable=False),
-    sa.Column("message", sa.Text, nullable=False),
-    sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("attempts", sa.Integer, nullable=False),
-)
-runs_table = sa.Table(
-    "etl_runs",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("command", sa.String(32), nullable=False),
-    sa.Column("mode", sa.String(32), nullable=False),
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("finished_at", sa.DateTime(timezone=True)),
-    sa.Column("status", sa.String(16), nullable=False),  # running | ok | partial | failed
-    sa.Column("streams", sa.Text),  # JSON: per-stream counts, invalid and rejected keys
-    sa.Column("error", sa.Text),
-    sa.Column("host", sa.String(255)),
-    sa.Column("pid", sa.Integer),
-    sa.Column("shard", sa.String(32)),  # "I/N" for a sharded worker, else NULL
-)
 
 
 class Sent(NamedTuple):
@@ -162,104 +106,23 @@ class StateStore:
         self.url = url
         self.readonly = readonly
         self._engine: Engine | None = None
-        self._lock_conn: Connection | None = None
-        self._lock_file: int | None = None
-        self._lock_key = _LOCK_KEY
+        self._lock = RunLock()
         try:
-            self._engine = self._open(url)
+            self._engine = open_engine(url, readonly=readonly)
         except sa.exc.DBAPIError as exc:
             raise StateError(
-                f"state store {_safe_url(url)}: cannot open it: {_first_line(exc.orig)} "
+                f"state store {safe_url(url)}: cannot open it: {_first_line(exc.orig)} "
                 "— check --state / ETL_STATE_URL, or move a corrupted file aside"
             ) from None
         except OSError as exc:  # creating the file: a parent that is a file, no permission
             raise StateError(
-                f"state store {_safe_url(url)}: cannot create the file ({exc.strerror}: "
+                f"state store {safe_url(url)}: cannot create the file ({exc.strerror}: "
                 f"{exc.filename}) — point --state / ETL_STATE_URL at a writable directory"
             ) from None
         except (sa.exc.ArgumentError, ValueError) as exc:  # ValueError: a bad port
             raise UsageError(
                 f"--state: {exc} — use sqlite:///PATH or postgresql+psycopg://user@host/db"
             ) from None
-
-    # ------------------------------------------------------------ opening
-
-    def _open(self, url: str) -> Engine | None:
-        parsed = sa.make_url(url)
-        if parsed.get_backend_name() == "sqlite":
-            path = parsed.database
-            if not path or path == ":memory:":
-                raise StateError(f"state store {url}: needs a file — e.g. sqlite:///etl-state.db")
-            if self.readonly:
-                if not Path(path).exists():
-                    return None
-                engine = sa.create_engine(
-                    f"sqlite:///file:{path}?mode=ro&uri=true", poolclass=sa.pool.NullPool
-                )
-            else:
-                _create_private(Path(path))
-                # A pooled connection: closing the last connection of a WAL
-                # database checkpoints it, which would cost a checkpoint a batch.
-                engine = sa.create_engine(url)
-                sa.event.listen(engine, "connect", _sqlite_pragmas)
-        elif parsed.get_backend_name() == "postgresql":
-            engine = sa.create_engine(url, pool_pre_ping=True)
-        else:
-            raise StateError(
-                f"state store {_safe_url(url)}: unsupported database "
-                f"{parsed.get_backend_name()!r} — use sqlite:///PATH or postgresql+psycopg://..."
-            )
-        try:
-            self._check_schema(engine)
-        except _EmptyStore:
-            engine.dispose()
-            return None
-        return engine
-
-    def _check_schema(self, engine: Engine) -> None:
-        with engine.connect() as conn:
-            inspector = sa.inspect(conn)
-            has_meta = inspector.has_table("etl_meta")
-            version = None
-            if has_meta:
-                version = conn.execute(
-                    sa.select(meta_table.c.value).where(meta_table.c.name == "schema_version")
-                ).scalar()
-            if version is not None and int(version) == SCHEMA_VERSION:
-                return  # ours and current: the common case costs two queries
-            foreign = _foreign_table(inspector)
-            if foreign:
-                raise StateError(
-                    f"state store {_safe_url(self.url)}: {foreign} — point --state / "
-                    "ETL_STATE_URL at a database (or file) of its own"
-                )
-            if not has_meta and self.readonly:
-                raise _EmptyStore
-            if version is not None and int(version) > SCHEMA_VERSION:
-                raise StateError(
-                    f"state store {_safe_url(self.url)}: written by a newer etl (schema "
-                    f"{version}, this etl knows {SCHEMA_VERSION}) — upgrade etl, or point "
-                    "--state at a fresh store"
-                )
-            if self.readonly and version is not None:
-                raise StateError(
-                    f"state store {_safe_url(self.url)}: written by an older etl (schema "
-                    f"{version}) and a dry run does not write — run `etl sync` once to "
-                    "upgrade it in place"
-                )
-        if not self.readonly:
-            with engine.begin() as conn:
-                if conn.dialect.name == "postgresql":
-                    # two first runs at once: one creates the tables, the other waits
-                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_KEY})
-                metadata.create_all(conn)
-                _migrate(conn)
-                _upsert(
-                    conn,
-                    meta_table,
-                    [{"name": "schema_version", "value": str(SCHEMA_VERSION)}],
-                    ["name"],
-                )
 
     def close(self) -> None:
         self.release()
@@ -275,7 +138,7 @@ class StateStore:
                 yield conn
         except sa.exc.DBAPIError as exc:
             raise StateError(
-                f"state store {_safe_url(self.url)}: {_first_line(exc.orig)} — check the "
+                f"state store {safe_url(self.url)}: {_first_line(exc.orig)} — check the "
                 "disk, permissions and that nothing else rewrites the store"
             ) from None
 
@@ -293,10 +156,13 @@ class StateStore:
         if self._engine is None:
             raise StateError("a read-only state store cannot be locked")
         if self._engine.dialect.name == "sqlite":
-            self._acquire_file(holder, shard)
+            self._lock.acquire_file(self._engine.url.database, holder, shard)
         else:
-            self._acquire_advisory(holder, shard)
+            self._lock.acquire_advisory(self._engine, holder, shard, begin=self._begin)
         self._close_abandoned_runs(shard)
+
+    def release(self) -> None:
+        self._lock.release()
 
     def _close_abandoned_runs(self, shard: Shard | None) -> None:
         """With the lock held no other run is alive: a run still `running` died
@@ -315,56 +181,6 @@ class StateStore:
                     " the next run carried on from the state it left",
                 )
             )
-
-    def _acquire_file(self, holder: dict[str, Any], shard: Shard | None) -> None:
-        suffix = f".{shard.index}-of-{shard.count}.lock" if shard else ".lock"
-        path = f"{self._engine.url.database}{suffix}"  # type: ignore[union-attr]
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            current = os.pread(fd, 4096, 0).decode(errors="replace")
-            os.close(fd)
-            raise LockedError(_locked_message(current, path)) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
-        self._lock_file = fd
-
-    def _acquire_advisory(self, holder: dict[str, Any], shard: Shard | None) -> None:
-        assert self._engine is not None  # noqa: S101 - checked by acquire()
-        conn = self._engine.connect()
-        # A session-level advisory lock dies with the connection, so with the process.
-        self._lock_key = _LOCK_KEY if shard is None else _shard_lock_key(shard)
-        got = conn.execute(
-            sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": self._lock_key}
-        ).scalar()
-        conn.commit()
-        if not got:
-            current = conn.execute(
-                sa.select(meta_table.c.value).where(meta_table.c.name == _holder_name(shard))
-            ).scalar()
-            conn.close()
-            raise LockedError(_locked_message(current or "", "PostgreSQL advisory lock"))
-        with self._begin() as tx:
-            row = {"name": _holder_name(shard), "value": json.dumps(holder)}
-            _upsert(tx, meta_table, [row], ["name"])
-        self._lock_conn = conn
-
-    def release(self) -> None:
-        if self._lock_file is not None:
-            os.ftruncate(self._lock_file, 0)
-            os.close(self._lock_file)  # closing drops the flock
-            self._lock_file = None
-        if self._lock_conn is not None:
-            # A pooled connection outlives close(), and a session lock outlives
-            # a rollback: unlock explicitly (the lock still dies with a crash).
-            with contextlib.suppress(sa.exc.DBAPIError):
-                self._lock_conn.execute(
-                    sa.text("SELECT pg_advisory_unlock(:k)"), {"k": self._lock_key}
-                )
-                self._lock_conn.commit()
-            self._lock_conn.close()
-            self._lock_conn = None
 
     # ------------------------------------------------------------ streams
 
@@ -389,7 +205,7 @@ class StateStore:
         """Advance a stream (after all of it was delivered) and clear its checkpoint."""
         text, kind = encode_watermark(watermark) if watermark is not None else (None, None)
         with self._begin() as conn:
-            _upsert(
+            upsert(
                 conn,
                 streams_table,
                 [
@@ -642,97 +458,12 @@ class StateStore:
         return out
 
 
-# Any constant works; this one spells "ETL" so it is recognisable in pg_locks.
-_LOCK_KEY = 0x45544C
-_SCHEMA_KEY = _LOCK_KEY + 1
-
-
-def _shard_lock_key(shard: Shard) -> int:
-    # one lock per (index, count), clear of the two keys above
-    return (_LOCK_KEY << 32) + shard.count * 100_000 + shard.index
-
-
-def _holder_name(shard: Shard | None) -> str:
-    return f"lock_holder {shard.label}" if shard else "lock_holder"
-
-
-def _foreign_table(inspector: sa.Inspector) -> str | None:
-    """Why a table named like one of ours is not ours (another tool's `etl_runs`),
-    or None. Checked before anything is written, so nothing is sent either."""
-    existing = set(inspector.get_table_names())
-    for table in metadata.sorted_tables:
-        if table.name in existing:
-            have = {column["name"] for column in inspector.get_columns(table.name)}
-            missing = [
-                column.name
-                for column in table.columns
-                if column.name not in have and (table.name, column.name) not in _MIGRATED
-            ]
-            if missing:
-                return f"table {table.name} is not etl's (no column {', '.join(missing)})"
-    return None
-
-
-class _EmptyStore(Exception):
-    """A read-only open of a store that has no tables yet."""
-
-
-def _locked_message(holder_json: str, where: str) -> str:
-    try:
-        holder = json.loads(holder_json)
-        who = (
-            f"pid {holder['pid']} on {holder['host']} ({holder['command']}, "
-            f"since {holder['since']})"
-        )
-    except (ValueError, KeyError, TypeError):
-        who = "another process"
-    return (
-        f"another run holds the lock ({where}): {who} — wait for it to finish, or stop it; "
-        "the lock is released when that process exits"
-    )
-
-
-def _create_private(path: Path) -> None:
-    """Create the SQLite file owner-only (it holds PII) before SQLite does."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-
-
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cursor = dbapi_conn.cursor()
-    # WAL: readers never block the writer; NORMAL sync is durable across a
-    # process crash, which is what at-least-once delivery needs.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    # Checkpoint every ~40 MB of WAL rather than every 4 MB: a big backfill
-    # otherwise copies pages back (and syncs) every other batch.
-    cursor.execute("PRAGMA wal_autocheckpoint=10000")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
-
-
 _UPSERT_RECORDS = (
     "INSERT INTO etl_records (stream, key, hash, source_hash, payload, event_id, sent_at) "
     "VALUES ({marks}) ON CONFLICT (stream, key) DO UPDATE SET hash = excluded.hash, "
     "source_hash = excluded.source_hash, payload = excluded.payload, "
     "event_id = excluded.event_id, sent_at = excluded.sent_at"
 )
-
-
-# Columns added after schema 1: (table, column) -> their SQL type.
-_MIGRATED = {
-    ("etl_records", "source_hash"): "VARCHAR(32)",
-    ("etl_runs", "shard"): "VARCHAR(32)",
-}
-
-
-def _migrate(conn: Connection) -> None:
-    """Bring a store written by an older etl up to SCHEMA_VERSION, in place."""
-    inspector = sa.inspect(conn)
-    for (table, column), sql_type in _MIGRATED.items():
-        if column not in {c["name"] for c in inspector.get_columns(table)}:
-            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
 
 
 def _upsert_records(conn: Connection, stream: str, sent: Sequence[Sent], now: dt.datetime) -> None:
@@ -754,25 +485,10 @@ def _upsert_records(conn: Connection, stream: str, sent: Sequence[Sent], now: dt
     )
 
 
-def _upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]], keys: list[str]) -> None:
-    """INSERT ... ON CONFLICT DO UPDATE, in the dialect's own words, executemany."""
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(table)
-    update = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-    conn.execute(stmt.on_conflict_do_update(index_elements=keys, set_=update), rows)
-
-
 def _plain_row(row: sa.Row[Any]) -> dict[str, Any]:
     """A row as a dict keyed by plain `str`: SQLAlchemy's `quoted_name` keys are a
     str subclass that orjson refuses (`etl runs --format json` would crash)."""
     return {str(name): value for name, value in row._mapping.items()}
-
-
-def _safe_url(url: str) -> str:
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except sa.exc.ArgumentError:
-        return "<invalid URL>"
 
 
 def _first_line(error: BaseException | None) -> str:

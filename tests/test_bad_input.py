@@ -140,7 +140,8 @@ from support import (
 import etl.api
 import etl.load
 from etl.receiver import FaultPlan, RunningReceiver, start_receiver
-from etl.state import SCHEMA_VERSION, StateStore
+from etl.schema import SCHEMA_VERSION
+from etl.state import StateStore
 
 HERE = Path(__file__).resolve().parent
 CLOSED_PORT = 9  # discard: nothing listens on it on 127.0.0.1

@@ -31,7 +31,8 @@ from support import TOKEN, cli_env, copy_mappings, run_cli, seed, user_id, users
 
 import etl.load
 from etl.receiver import FaultPlan, RunningReceiver, start_receiver
-from etl.state import StateStore, metadata
+from etl.schema import metadata
+from etl.state import StateStore
 
 pytestmark = pytest.mark.postgres
 

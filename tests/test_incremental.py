@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
 from support import TOKEN, run_cli
 
 from etl import api, extract
+from etl.horizon import fall_back, safe_horizon, sqlite_text
 from etl.mapping import load_mappings
 from etl.model import DeliveryConfig, RunReport, Secret
 from etl.pipeline import Collaborators, RunOptions, run
@@ -214,7 +216,7 @@ def test_rows_tied_with_the_watermark_are_delivered(rig: Rig) -> None:
     watermark = rig.watermark()
     value = watermark if rig.dialect == "postgresql" else watermark.replace(tzinfo=None)
     if rig.dialect == "sqlite":
-        value = extract.sqlite_text(value)
+        value = sqlite_text(value)
     rig.sql(
         "INSERT INTO items (id, account, email, name, created_at, updated_at) "
         "VALUES ('tie', 'acct', 't@example.com', 'tie', :ts, :ts)",
@@ -286,8 +288,8 @@ def test_a_stuck_transaction_older_than_the_bound_is_ignored(pg: Rig) -> None:
         try:
             with source.connect() as conn, extract.read_only(conn):
                 src = extract.source_from(conn, mappings[0])
-                held = extract.safe_horizon(conn, mappings[0], src)
-                free = extract.safe_horizon(
+                held = safe_horizon(conn, mappings[0], src)
+                free = safe_horizon(
                     conn, mappings[0], src, max_transaction_age=dt.timedelta(seconds=0)
                 )
         finally:
@@ -457,14 +459,12 @@ def test_dst_fall_back_hour_loses_nothing(lite: Rig) -> None:
 
 def test_fall_back_is_zero_without_a_transition() -> None:
     """The bound moves only when the zone's clocks actually went back."""
-    berlin = extract.ZoneInfo("Europe/Berlin")
+    berlin = ZoneInfo("Europe/Berlin")
     summer = dt.datetime(2024, 7, 1, tzinfo=UTC)
-    assert extract.fall_back(summer, summer + dt.timedelta(days=1), berlin) == dt.timedelta(0)
+    assert fall_back(summer, summer + dt.timedelta(days=1), berlin) == dt.timedelta(0)
     autumn = dt.datetime(2024, 10, 27, 0, 30, tzinfo=UTC)
-    assert extract.fall_back(autumn, autumn + dt.timedelta(hours=1), berlin) == dt.timedelta(
-        hours=1
-    )
-    assert extract.fall_back(autumn, autumn, extract.ZoneInfo("UTC")) == dt.timedelta(0)
+    assert fall_back(autumn, autumn + dt.timedelta(hours=1), berlin) == dt.timedelta(hours=1)
+    assert fall_back(autumn, autumn, ZoneInfo("UTC")) == dt.timedelta(0)
 
 
 @pytest.mark.parametrize("which", ["lite", pytest.param("pg", marks=pytest.mark.postgres)])
@@ -619,7 +619,7 @@ def test_without_privilege_to_see_other_sessions_it_says_so_and_relies_on_lookba
             mapping = load_mappings(pg.tmp / "mappings")[0]
             with restricted.connect() as conn, extract.read_only(conn):
                 src = extract.source_from(conn, mapping)
-                horizon = extract.safe_horizon(conn, mapping, src)
+                horizon = safe_horizon(conn, mapping, src)
             other.rollback()
     finally:
         restricted.dispose()

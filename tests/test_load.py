@@ -10,6 +10,7 @@ import math
 import random
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -873,3 +874,55 @@ def test_real_http_connection_refused_gives_up_without_leaking_the_token() -> No
 
     assert "2 attempt" in str(info.value)
     assert_no_token(info.value, logs)
+
+
+def test_a_batch_keeps_its_slot_until_the_caller_has_recorded_it() -> None:
+    """Acknowledged-but-unrecorded batches count as in flight: never more than
+    `concurrency` are sent or unrecorded, which bounds what a crash re-sends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lock = threading.Lock()
+    open_batches = 0  # sent, and not yet recorded
+    worst = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal open_batches, worst
+        with lock:
+            open_batches += 1
+            worst = max(worst, open_batches)
+        return httpx.Response(200, json=OK)
+
+    def record(_result: BatchResult) -> None:
+        nonlocal open_batches
+        time.sleep(0.01)  # a slow state commit
+        with lock:
+            open_batches -= 1
+
+    with ThreadPoolExecutor(1) as writer:
+        items = [Outgoing(key=str(i), event_id=str(i), body=b"{}") for i in range(40)]
+        run_deliver(
+            handler,
+            iter(items),
+            on_result=lambda result: writer.submit(record, result),
+            batch_size=2,
+            concurrency=2,
+        )
+    assert open_batches == 0
+    assert worst == 2
+
+
+def test_a_failed_recording_stops_delivery() -> None:
+    """A state commit that fails (disk full) ends delivery with its error."""
+    from concurrent.futures import Future
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=OK)
+
+    def on_result(_result: BatchResult) -> Any:
+        failed: Future[None] = Future()
+        failed.set_exception(OSError("database or disk is full"))
+        return failed
+
+    items = [Outgoing(key=str(i), event_id=str(i), body=b"{}") for i in range(10)]
+    with pytest.raises(OSError, match="disk is full"):
+        run_deliver(handler, iter(items), on_result=on_result, batch_size=2)

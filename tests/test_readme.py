@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import pytest
 
-from etl import mapping
+from etl import mapping, mapping_fields
 from etl.cli import EXIT_CODES, main
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
@@ -57,7 +57,9 @@ def test_every_exit_code_is_documented() -> None:
 
 
 KEYS = (
-    [*mapping._TOP_KEYS] + [f"source.{k}" for k in mapping._SOURCE_KEYS] + list(mapping._FIELD_KEYS)
+    [*mapping._TOP_KEYS]
+    + [f"source.{k}" for k in mapping_fields._SOURCE_KEYS]
+    + list(mapping_fields._FIELD_KEYS)
 )
 
 

@@ -1,0 +1,127 @@
+"""`etl validate --check-source`: a mapping's tables, columns and SQL against the source.
+
+`check_source()` collects every problem of every mapping, then raises once;
+`check_one()` also explains a read that failed (`extract.execute`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from etl.errors import MappingError
+from etl.extract import (
+    count_null_cursors,
+    first_line,
+    query_columns,
+    raw_sql,
+    read_only,
+    source_from,
+)
+from etl.model import Mapping
+
+
+def check_source(engine: sa.Engine, mappings: Sequence[Mapping]) -> list[str]:
+    """Check tables, columns and expressions of every mapping against the source.
+
+    Raises MappingError listing every problem; returns notes (NULL cursors).
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    for mapping in mappings:
+        with engine.connect() as conn, read_only(conn):
+            found = check_one(conn, mapping)
+            problems.extend(found)
+            if not found and mapping.cursor:
+                src = source_from(conn, mapping)
+                nulls = count_null_cursors(conn, mapping, src)
+                if nulls:
+                    notes.append(
+                        f"{mapping.path}: cursor: {nulls} row(s) have a NULL "
+                        f"{mapping.cursor}; only `sync --full` and `backfill` send them"
+                    )
+    if problems:
+        raise MappingError(problems)
+    return notes
+
+
+def check_one(conn: Connection, mapping: Mapping) -> list[str]:
+    where = f"{mapping.path}: source"
+    try:
+        with conn.begin_nested():
+            available = _available_columns(conn, mapping)
+    except sa.exc.DBAPIError as exc:
+        what = "query" if mapping.source.query else "table"
+        return [
+            f"{where}.{what}: cannot be read: {first_line(exc.orig)} — check the "
+            f"{what} name{' and schema' if what == 'table' else ''}"
+        ]
+    if available is None:
+        schema = f" in schema {mapping.source.schema}" if mapping.source.schema else ""
+        return [
+            f"{where}.table: no table {mapping.source.table!r}{schema} — check the name "
+            "(and `schema:`)"
+        ]
+    problems = []
+    listing = ", ".join(sorted(available))
+    wanted = [("key", k) for k in mapping.key]
+    if mapping.cursor:
+        wanted.append(("cursor", mapping.cursor))
+    for field in (*mapping.id_fields, *mapping.traits):
+        if field.kind == "column":
+            prefix = "" if field in mapping.id_fields else "traits."
+            wanted.append((f"{prefix}{field.name}", field.value))
+    for key, column in wanted:
+        if column not in available:
+            problems.append(
+                f"{mapping.path}: {key}: no column {column!r} in the source "
+                f"(columns: {listing}) — fix the column name"
+            )
+    # SQL expressions are checked even when a column is wrong: all problems at once
+    src = source_from(conn, mapping)
+    if mapping.source.where:
+        problems += _try(
+            conn,
+            mapping,
+            "source.where",
+            mapping.source.where,
+            sa.select(sa.literal(1))
+            .select_from(src)
+            .where(raw_sql(f"({mapping.source.where}\n)"))
+            .limit(0),
+        )
+    for field in mapping.selected_fields:
+        if field.kind == "sql":
+            key = f"traits.{field.name}" if field in mapping.traits else field.name
+            query: sa.Select[Any] = (
+                sa.select(sa.literal_column(f"({field.value}\n)")).select_from(src).limit(0)
+            )
+            problems += _try(conn, mapping, f"{key}.sql", field.value, query)
+    return problems
+
+
+def _available_columns(conn: Connection, mapping: Mapping) -> set[str] | None:
+    if mapping.source.query is not None:
+        return set(query_columns(conn, mapping.source.query))
+    inspector = sa.inspect(conn)
+    table = mapping.source.table or ""
+    if not inspector.has_table(table, schema=mapping.source.schema):
+        return None
+    return {c["name"] for c in inspector.get_columns(table, schema=mapping.source.schema)}
+
+
+def _try(
+    conn: Connection, mapping: Mapping, key: str, expression: str, query: sa.Executable
+) -> list[str]:
+    try:
+        with conn.begin_nested():
+            conn.execute(query).close()
+    except sa.exc.DBAPIError as exc:
+        return [
+            f"{mapping.path}: {key}: {expression!r} fails in the database: "
+            f"{first_line(exc.orig)} — fix the SQL (it runs as written, inside the FROM)"
+        ]
+    return []
