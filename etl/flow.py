@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,7 +27,6 @@ from etl.transform import (
     record_key,
     to_event,
 )
-from etl.writer import OrderedWriter
 
 if TYPE_CHECKING:
     # type-only: pipeline builds the flow, the flow never calls back into it
@@ -77,7 +77,8 @@ class StreamFlow:
     state_name: str = ""
     had_rejects: bool = True  # any reject of this stream pending when it started
     seen_keys: set[str] | None = None  # dry run --full: every key read, to find the gone
-    writer: OrderedWriter | None = None  # state writes of acknowledged batches
+    writer: ThreadPoolExecutor | None = None  # state writes of acknowledged batches
+    writes: deque[Future[Any]] = field(default_factory=deque)  # submitted, not yet checked
     # Keys of pending rejects this run retries; those read so far; those found
     # unchanged since last delivered (nothing left to retry).
     retrying: set[str] = field(default_factory=set)
@@ -200,19 +201,27 @@ class StreamFlow:
     def deliver(self, pages: Iterator[list[tuple[Any, ...]]]) -> Any:
         if self.io.client is None:
             raise ValueError("deliver needs an HTTP client")
-        self.writer = OrderedWriter()
-        try:
-            return load.deliver(
-                self._outgoing(pages),
-                config=self.io.delivery,
-                on_result=self._on_result,
-                client=self.io.client,
-                sleep=self.io.sleep,
-            )
-        finally:
-            # Acknowledged batches are committed even when delivery failed later.
-            writer, self.writer = self.writer, None
-            writer.close()
+        # State commits run on one writer thread: in order (one worker, FIFO) and
+        # off the main thread (sqlite releases the GIL while it writes). Each batch
+        # keeps its delivery slot until its commit is done (load.deliver waits on
+        # the future _on_result returns), so a crash re-sends at most
+        # `concurrency` batches, as before.
+        with ThreadPoolExecutor(1, thread_name_prefix="etl-state-writer") as writer:
+            self.writer = writer
+            try:
+                stats = load.deliver(
+                    self._outgoing(pages),
+                    config=self.io.delivery,
+                    on_result=self._on_result,
+                    client=self.io.client,
+                    sleep=self.io.sleep,
+                )
+            finally:
+                self.writer = None
+        # leaving the `with` waited for every write, even after a failed delivery
+        while self.writes:
+            self.writes.popleft().result()  # the first failed write, if any
+        return stats
 
     def _outgoing(self, pages: Iterator[list[tuple[Any, ...]]]) -> Iterator[Outgoing]:
         send_unchanged = self.options.force
@@ -248,12 +257,12 @@ class StreamFlow:
                 ),
             )
 
-    def _on_result(self, result: BatchResult) -> None:
+    def _on_result(self, result: BatchResult) -> Future[Any] | None:
         sent = [o.ref.sent for o in result.acked]
         rejected = [
             Rejected(o.key, o.ref.key_values, o.event_id, message) for o, message in result.rejected
         ]
-        self._write(
+        committed = self._write(
             self.io.state.commit_batch,
             self.mapping.stream,
             sent,
@@ -268,6 +277,7 @@ class StreamFlow:
         if refs:
             self.acked_seq = max(self.acked_seq, *refs)
         self._checkpoint()
+        return committed
 
     def settle_rejects(self, bound: Any) -> None:
         """After the stream was delivered: forget pending rejects that need no retry —
@@ -288,12 +298,16 @@ class StreamFlow:
                 self.io.state.save_checkpoint, self.state_name or self.mapping.stream, latest
             )
 
-    def _write(self, call: Any, *args: Any, **kwargs: Any) -> None:
+    def _write(self, call: Any, *args: Any, **kwargs: Any) -> Future[Any] | None:
         """A state write: on the writer thread while delivering, else right here."""
-        if self.writer is not None:
-            self.writer.submit(call, *args, **kwargs)
-        else:
+        if self.writer is None:
             call(*args, **kwargs)
+            return None
+        while self.writes and self.writes[0].done():
+            self.writes.popleft().result()  # a failed write stops the run here
+        future = self.writer.submit(call, *args, **kwargs)
+        self.writes.append(future)
+        return future
 
     # ------------------------------------------------------------ dry run
 
