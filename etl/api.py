@@ -14,6 +14,7 @@ orchestrator has its own.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from etl import check, extract, load, logs, sourcedb
 from etl.errors import SourceError, UsageError
 from etl.extract import DEFAULT_PAGE_SIZE
 from etl.mapping import load_mappings
+from etl.mapping_fields import parse_lookback
 from etl.model import DeliveryConfig, DiffReport, Mapping, RunReport, Secret, Shard
 from etl.pipeline import Collaborators, Progress, RunOptions, run
 from etl.state import StateStore
@@ -44,6 +46,7 @@ def sync(
     full: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
     shard: str | Shard | None = None,
+    max_transaction_age: str | float = "1h",
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
@@ -69,7 +72,10 @@ def sync(
         max_rps=max_rps,
     )
     options = RunOptions(
-        mode="full" if full else "incremental", page_size=page_size, shard=parse_shard(shard)
+        mode="full" if full else "incremental",
+        page_size=page_size,
+        shard=parse_shard(shard),
+        max_transaction_age=parse_age(max_transaction_age),
     )
     return _send(
         "sync",
@@ -92,6 +98,7 @@ def backfill(
     restart: bool = False,
     page_size: int = DEFAULT_PAGE_SIZE,
     shard: str | Shard | None = None,
+    max_transaction_age: str | float = "1h",
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
@@ -123,6 +130,7 @@ def backfill(
         restart=restart,
         page_size=page_size,
         shard=parse_shard(shard),
+        max_transaction_age=parse_age(max_transaction_age),
     )
     return _send(
         "backfill",
@@ -146,6 +154,7 @@ def diff(
     limit: int | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     shard: str | Shard | None = None,
+    max_transaction_age: str | float = "1h",
     api_key: str | None = None,
     workspace_key: str | None = None,
 ) -> tuple[RunReport, DiffReport]:
@@ -163,6 +172,7 @@ def diff(
         diff_limit=limit,
         page_size=page_size,
         shard=parse_shard(shard),
+        max_transaction_age=parse_age(max_transaction_age),
     )
     with _source(source_url) as source, _state(state_url, readonly=True) as state:
         io = Collaborators(source=source, state=state, delivery=delivery)
@@ -221,6 +231,16 @@ def _send(
         )
         report, _ = run(mappings, command=command, options=options, io=io)
     return report
+
+
+def parse_age(value: str | float) -> dt.timedelta:
+    """`--max-transaction-age`: 30s, 10m, 2h, 1d or seconds -> timedelta (UsageError if not)."""
+    try:
+        return dt.timedelta(seconds=parse_lookback(value))
+    except ValueError as exc:
+        raise UsageError(
+            f"--max-transaction-age: {exc} — use 30s, 10m, 2h, 1d or a number of seconds"
+        ) from None
 
 
 def parse_shard(shard: str | Shard | None) -> Shard | None:

@@ -115,6 +115,15 @@ def _reading(func: F) -> F:
             help="Be worker I of N (0-based): handle the records whose key hashes to I, "
             "with an own watermark and lock. [env ETL_SHARD]",
         ),
+        click.option(
+            "--max-transaction-age",
+            envvar="ETL_MAX_TRANSACTION_AGE",
+            default="1h",
+            show_default=True,
+            metavar="DURATION",
+            help="A source transaction open longer than this (30s, 10m, 2h, 1d) no longer "
+            "holds the watermark back; it is logged. [env ETL_MAX_TRANSACTION_AGE]",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -624,6 +633,7 @@ def _api_args(kw: dict[str, Any]) -> dict[str, Any]:
         "streams": kw["streams"] or None,
         "page_size": kw["page_size"],
         "shard": kw["shard"],
+        "max_transaction_age": kw["max_transaction_age"],
         "endpoint": kw["endpoint"],
         "token_file": kw["token_file"],
         "batch_size": kw["batch_size"],
@@ -641,6 +651,7 @@ def _only_read(kw: dict[str, Any]) -> dict[str, Any]:
         "streams": kw["streams"] or None,
         "page_size": kw["page_size"],
         "shard": kw["shard"],
+        "max_transaction_age": kw["max_transaction_age"],
     }
 
 

@@ -257,3 +257,18 @@ def test_an_unexpected_error_exits_1_without_the_token(
     assert "RuntimeError" in result.stderr
     assert "Traceback" in result.stderr
     assert TOKEN not in result.stderr + result.stdout
+
+
+def test_max_transaction_age_is_checked_before_anything_is_read(
+    tmp_path: Path, sqlite_url: str, receiver: Any
+) -> None:
+    """A malformed --max-transaction-age exits 2 with the accepted forms; a good one runs."""
+    seed(sqlite_url)
+    copy_mappings(tmp_path / "mappings")
+    env = cli_env(tmp_path, sqlite_url, receiver.url)
+    bad = run_cli(["sync", "--max-transaction-age", "soon"], env)
+    assert bad.exit_code == 2
+    assert "30s, 10m, 2h, 1d" in bad.stderr
+    assert not (tmp_path / "state.db").exists()
+    good = run_cli(["sync"], {**env, "ETL_MAX_TRANSACTION_AGE": "90m"})
+    assert good.exit_code == 0
