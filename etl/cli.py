@@ -48,165 +48,159 @@ log = structlog.get_logger("etl")
 # ---------------------------------------------------------------- shared options
 
 
-def _common(func: F) -> F:
-    """Options every data command takes."""
-    options = [
-        click.option(
-            "--source",
-            "source_url",
-            envvar="ETL_SOURCE_URL",
-            metavar="URL",
-            help="Source database (SQLAlchemy URL), e.g. postgresql+psycopg://app@db/app. "
-            "[env ETL_SOURCE_URL]",
-        ),
-        click.option(
-            "--state",
-            "state_url",
-            envvar="ETL_STATE_URL",
-            default=api.DEFAULT_STATE_URL,
-            show_default=True,
-            metavar="URL",
-            help="State store: a SQLite file or PostgreSQL. [env ETL_STATE_URL]",
-        ),
-        click.option(
-            "--mappings",
-            "mappings_dir",
-            envvar="ETL_MAPPINGS",
-            default=api.DEFAULT_MAPPINGS,
-            show_default=True,
-            metavar="DIR",
-            type=click.Path(path_type=Path),
-            help="Directory of mapping files (*.yml). [env ETL_MAPPINGS]",
-        ),
-        click.option(
-            "--stream",
-            "streams",
-            multiple=True,
-            metavar="NAME",
-            help="Only this stream (repeatable). Default: every stream.",
-        ),
-        click.option(
-            "--log-format",
-            envvar="ETL_LOG_FORMAT",
-            type=click.Choice(["console", "json"]),
-            help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """One decorator applying several click options, in the order listed."""
+
+    def apply(func: F) -> F:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return apply
 
 
-def _reading(func: F) -> F:
-    """Options of the commands that read rows (sync, backfill, diff)."""
-    options = [
-        click.option(
-            "--page-size",
-            envvar="ETL_PAGE_SIZE",
-            default=api.DEFAULT_PAGE_SIZE,
-            show_default=True,
-            type=click.IntRange(1, 1_000_000),
-            help="Rows per keyset page read from the source. [env ETL_PAGE_SIZE]",
-        ),
-        click.option(
-            "--shard",
-            envvar="ETL_SHARD",
-            metavar="I/N",
-            help="Be worker I of N (0-based): handle the records whose key hashes to I, "
-            "with an own watermark and lock. [env ETL_SHARD]",
-        ),
-        click.option(
-            "--max-transaction-age",
-            envvar="ETL_MAX_TRANSACTION_AGE",
-            default="1h",
-            show_default=True,
-            metavar="DURATION",
-            help="A source transaction open longer than this (30s, 10m, 2h, 1d) no longer "
-            "holds the watermark back; it is logged. [env ETL_MAX_TRANSACTION_AGE]",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+# Options every data command takes.
+_common = _options(
+    click.option(
+        "--source",
+        "source_url",
+        envvar="ETL_SOURCE_URL",
+        metavar="URL",
+        help="Source database (SQLAlchemy URL), e.g. postgresql+psycopg://app@db/app. "
+        "[env ETL_SOURCE_URL]",
+    ),
+    click.option(
+        "--state",
+        "state_url",
+        envvar="ETL_STATE_URL",
+        default=api.DEFAULT_STATE_URL,
+        show_default=True,
+        metavar="URL",
+        help="State store: a SQLite file or PostgreSQL. [env ETL_STATE_URL]",
+    ),
+    click.option(
+        "--mappings",
+        "mappings_dir",
+        envvar="ETL_MAPPINGS",
+        default=api.DEFAULT_MAPPINGS,
+        show_default=True,
+        metavar="DIR",
+        type=click.Path(path_type=Path),
+        help="Directory of mapping files (*.yml). [env ETL_MAPPINGS]",
+    ),
+    click.option(
+        "--stream",
+        "streams",
+        multiple=True,
+        metavar="NAME",
+        help="Only this stream (repeatable). Default: every stream.",
+    ),
+    click.option(
+        "--log-format",
+        envvar="ETL_LOG_FORMAT",
+        type=click.Choice(["console", "json"]),
+        help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
+    ),
+)
 
 
-def _sending(func: F) -> F:
-    """Options of the commands that send (sync, backfill)."""
-    options = [
-        click.option(
-            "--endpoint",
-            envvar="HYPERENGAGE_ENDPOINT",
-            default=api.DEFAULT_ENDPOINT,
-            show_default=True,
-            metavar="URL",
-            help="Hyperengage events endpoint (HTTPS, or http to loopback). "
-            "[env HYPERENGAGE_ENDPOINT]",
-        ),
-        click.option(
-            "--token-file",
-            type=click.Path(path_type=Path),
-            metavar="PATH",
-            help="Read the server token from this file instead of HYPERENGAGE_TOKEN.",
-        ),
-        click.option(
-            "--batch-size",
-            envvar="ETL_BATCH_SIZE",
-            default=500,
-            show_default=True,
-            type=click.IntRange(1, 10_000),
-            help="Events per request at most. [env ETL_BATCH_SIZE]",
-        ),
-        click.option(
-            "--batch-bytes",
-            envvar="ETL_BATCH_BYTES",
-            default=450_000,
-            show_default=True,
-            type=click.IntRange(1024),
-            help="Bytes per request at most. [env ETL_BATCH_BYTES]",
-        ),
-        click.option(
-            "--concurrency",
-            envvar="ETL_CONCURRENCY",
-            default=2,
-            show_default=True,
-            type=click.IntRange(1, 32),
-            help="Requests in flight. [env ETL_CONCURRENCY]",
-        ),
-        click.option(
-            "--max-rps",
-            envvar="ETL_MAX_RPS",
-            type=click.FloatRange(min=0.1),
-            help="Requests per second at most (default: unlimited). [env ETL_MAX_RPS]",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+# Options of the commands that read rows (sync, backfill, diff).
+_reading = _options(
+    click.option(
+        "--page-size",
+        envvar="ETL_PAGE_SIZE",
+        default=api.DEFAULT_PAGE_SIZE,
+        show_default=True,
+        type=click.IntRange(1, 1_000_000),
+        help="Rows per keyset page read from the source. [env ETL_PAGE_SIZE]",
+    ),
+    click.option(
+        "--shard",
+        envvar="ETL_SHARD",
+        metavar="I/N",
+        help="Be worker I of N (0-based): handle the records whose key hashes to I, "
+        "with an own watermark and lock. [env ETL_SHARD]",
+    ),
+    click.option(
+        "--max-transaction-age",
+        envvar="ETL_MAX_TRANSACTION_AGE",
+        default="1h",
+        show_default=True,
+        metavar="DURATION",
+        help="A source transaction open longer than this (30s, 10m, 2h, 1d) no longer "
+        "holds the watermark back; it is logged. [env ETL_MAX_TRANSACTION_AGE]",
+    ),
+)
 
 
-def _monitoring(func: F) -> F:
-    """Options that report a sending run to monitoring (sync, backfill)."""
-    options = [
-        click.option(
-            "--metrics-file",
-            envvar="ETL_METRICS_FILE",
-            type=click.Path(dir_okay=False, path_type=Path),
-            metavar="PATH",
-            help="After the run (ok or not), write its figures here in the Prometheus text "
-            "format, for node_exporter's textfile collector. [env ETL_METRICS_FILE]",
-        ),
-        click.option(
-            "--notify-url",
-            envvar="ETL_NOTIFY_URL",
-            metavar="URL",
-            help="After the run (ok or not), POST a JSON summary here; {exit_code} in the URL "
-            "is replaced (healthchecks.io: https://hc-ping.com/UUID/{exit_code}). "
-            "[env ETL_NOTIFY_URL]",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+# Options of the commands that send (sync, backfill).
+_sending = _options(
+    click.option(
+        "--endpoint",
+        envvar="HYPERENGAGE_ENDPOINT",
+        default=api.DEFAULT_ENDPOINT,
+        show_default=True,
+        metavar="URL",
+        help="Hyperengage events endpoint (HTTPS, or http to loopback). [env HYPERENGAGE_ENDPOINT]",
+    ),
+    click.option(
+        "--token-file",
+        type=click.Path(path_type=Path),
+        metavar="PATH",
+        help="Read the server token from this file instead of HYPERENGAGE_TOKEN.",
+    ),
+    click.option(
+        "--batch-size",
+        envvar="ETL_BATCH_SIZE",
+        default=500,
+        show_default=True,
+        type=click.IntRange(1, 10_000),
+        help="Events per request at most. [env ETL_BATCH_SIZE]",
+    ),
+    click.option(
+        "--batch-bytes",
+        envvar="ETL_BATCH_BYTES",
+        default=450_000,
+        show_default=True,
+        type=click.IntRange(1024),
+        help="Bytes per request at most. [env ETL_BATCH_BYTES]",
+    ),
+    click.option(
+        "--concurrency",
+        envvar="ETL_CONCURRENCY",
+        default=2,
+        show_default=True,
+        type=click.IntRange(1, 32),
+        help="Requests in flight. [env ETL_CONCURRENCY]",
+    ),
+    click.option(
+        "--max-rps",
+        envvar="ETL_MAX_RPS",
+        type=click.FloatRange(min=0.1),
+        help="Requests per second at most (default: unlimited). [env ETL_MAX_RPS]",
+    ),
+)
+
+
+# Options that report a sending run to monitoring (sync, backfill).
+_monitoring = _options(
+    click.option(
+        "--metrics-file",
+        envvar="ETL_METRICS_FILE",
+        type=click.Path(dir_okay=False, path_type=Path),
+        metavar="PATH",
+        help="After the run (ok or not), write its figures here in the Prometheus text "
+        "format, for node_exporter's textfile collector. [env ETL_METRICS_FILE]",
+    ),
+    click.option(
+        "--notify-url",
+        envvar="ETL_NOTIFY_URL",
+        metavar="URL",
+        help="After the run (ok or not), POST a JSON summary here; {exit_code} in the URL "
+        "is replaced (healthchecks.io: https://hc-ping.com/UUID/{exit_code}). "
+        "[env ETL_NOTIFY_URL]",
+    ),
+)
 
 
 def _handled(func: F) -> F:
@@ -259,6 +253,30 @@ def _finish(run: RunReport) -> None:
     click.echo(report.render_run_report(run))
     if run.status == "partial":
         sys.exit(EXIT_PARTIAL)
+
+
+_log_format = click.option(
+    "--log-format",
+    envvar="ETL_LOG_FORMAT",
+    type=click.Choice(["console", "json"]),
+    help="Log lines format. [env ETL_LOG_FORMAT]",
+)
+# Options of the commands that read the state store only (state show/reset, runs).
+_state_store = _options(
+    click.option(
+        "--state",
+        "state_url",
+        envvar="ETL_STATE_URL",
+        default=api.DEFAULT_STATE_URL,
+        show_default=True,
+        metavar="URL",
+        help="State store. [env ETL_STATE_URL]",
+    ),
+    _log_format,
+)
+_table_format = click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
 
 
 # ---------------------------------------------------------------- commands
@@ -403,24 +421,8 @@ def state() -> None:
 
 
 @state.command("show")
-@click.option(
-    "--state",
-    "state_url",
-    envvar="ETL_STATE_URL",
-    default=api.DEFAULT_STATE_URL,
-    show_default=True,
-    metavar="URL",
-    help="State store. [env ETL_STATE_URL]",
-)
-@click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
-)
-@click.option(
-    "--log-format",
-    envvar="ETL_LOG_FORMAT",
-    type=click.Choice(["console", "json"]),
-    help="Log lines format. [env ETL_LOG_FORMAT]",
-)
+@_state_store
+@_table_format
 @_handled
 def state_show(state_url: str, fmt: str) -> None:
     """Per stream: watermark, records sent, pending rejects; then the rejects."""
@@ -452,22 +454,8 @@ def state_show(state_url: str, fmt: str) -> None:
 
 
 @state.command("reset")
-@click.option(
-    "--state",
-    "state_url",
-    envvar="ETL_STATE_URL",
-    default=api.DEFAULT_STATE_URL,
-    show_default=True,
-    metavar="URL",
-    help="State store. [env ETL_STATE_URL]",
-)
+@_state_store
 @click.option("--stream", required=True, metavar="NAME", help="The stream to forget.")
-@click.option(
-    "--log-format",
-    envvar="ETL_LOG_FORMAT",
-    type=click.Choice(["console", "json"]),
-    help="Log lines format. [env ETL_LOG_FORMAT]",
-)
 @_handled
 def state_reset(state_url: str, stream: str) -> None:
     """Forget a stream's state: its next sync re-sends every record."""
@@ -481,15 +469,7 @@ def state_reset(state_url: str, stream: str) -> None:
 
 
 @main.command()
-@click.option(
-    "--state",
-    "state_url",
-    envvar="ETL_STATE_URL",
-    default=api.DEFAULT_STATE_URL,
-    show_default=True,
-    metavar="URL",
-    help="State store. [env ETL_STATE_URL]",
-)
+@_state_store
 @click.option(
     "--limit",
     default=20,
@@ -497,15 +477,7 @@ def state_reset(state_url: str, stream: str) -> None:
     type=click.IntRange(1),
     help="How many runs, newest first.",
 )
-@click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
-)
-@click.option(
-    "--log-format",
-    envvar="ETL_LOG_FORMAT",
-    type=click.Choice(["console", "json"]),
-    help="Log lines format. [env ETL_LOG_FORMAT]",
-)
+@_table_format
 @_handled
 def runs(state_url: str, limit: int, fmt: str) -> None:
     """Run history: id, command, start, duration, status, per-stream counts, error."""
@@ -556,12 +528,7 @@ def runs(state_url: str, limit: int, fmt: str) -> None:
     metavar="FILE",
     help="JSON fault plan: inject 5xx, 429, drops, latency (see README).",
 )
-@click.option(
-    "--log-format",
-    envvar="ETL_LOG_FORMAT",
-    type=click.Choice(["console", "json"]),
-    help="Log lines format. [env ETL_LOG_FORMAT]",
-)
+@_log_format
 @_handled
 def receiver(
     host: str, port: int, store: Path, token_file: Path | None, faults: Path | None

@@ -272,3 +272,23 @@ def test_max_transaction_age_is_checked_before_anything_is_read(
     assert not (tmp_path / "state.db").exists()
     good = run_cli(["sync"], {**env, "ETL_MAX_TRANSACTION_AGE": "90m"})
     assert good.exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["validate"],
+        ["sync"],
+        ["backfill"],
+        ["diff"],
+        ["state", "show"],
+        ["state", "reset"],
+        ["runs"],
+        ["receiver"],
+    ],
+)
+def test_every_command_takes_log_format(command: list[str]) -> None:
+    """`--log-format` (ETL_LOG_FORMAT) works everywhere, so cron logs stay JSON."""
+    result = run_cli([*command, "--help"], {})
+    assert result.exit_code == 0
+    assert "--log-format" in result.output
