@@ -9,11 +9,12 @@ and the writing. What happens to the rows once read is `flow.StreamFlow`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -159,35 +160,39 @@ def run_stream(
                 bound.warning("horizon.limited", note=note)
         total = extract.estimate_rows(conn, mapping, src) if io.progress else None
         null_cursor = extract.count_null_cursors(conn, mapping, src) if options.dry_run else None
-        pages = _pages(
-            conn,
-            mapping,
-            src,
-            plan=plan,
-            now=horizon.clock,
-            after=checkpoint,
-            options=options,
-            state=io.state,
-        )
-        flow = StreamFlow(
-            mapping=mapping,
-            options=options,
-            io=io,
-            tally=tally,
-            total=total,
-            state_name=state_name,
-        )
-        flow.had_rejects = bool(io.state.rejected(mapping.stream))
-        if plan.order == "cursor":
-            # _pages() re-reads these first; a row also in the cursor window comes twice.
-            flow.retrying = {
-                r["key"] for r in io.state.rejected(mapping.stream) if flow.owns(r["key"])
-            }
-        if options.dry_run:
-            flow.dry_run(pages, list_gone=options.mode == "full")
-            stats = None
-        else:
-            stats = flow.deliver(pages)
+        # closing(): whatever happens below, the prefetch thread is stopped (and
+        # off the connection) before the read-only transaction is rolled back.
+        with contextlib.closing(
+            _pages(
+                conn,
+                mapping,
+                src,
+                plan=plan,
+                now=horizon.clock,
+                after=checkpoint,
+                options=options,
+                state=io.state,
+            )
+        ) as pages:
+            flow = StreamFlow(
+                mapping=mapping,
+                options=options,
+                io=io,
+                tally=tally,
+                total=total,
+                state_name=state_name,
+            )
+            flow.had_rejects = bool(io.state.rejected(mapping.stream))
+            if plan.order == "cursor":
+                # _pages() re-reads these first; a row also in the cursor window comes twice.
+                flow.retrying = {
+                    r["key"] for r in io.state.rejected(mapping.stream) if flow.owns(r["key"])
+                }
+            if options.dry_run:
+                flow.dry_run(pages, list_gone=options.mode == "full")
+                stats = None
+            else:
+                stats = flow.deliver(pages)
     if io.stop.is_set():
         raise StoppedError(
             f"stream {mapping.stream}: stopped by a signal after the in-flight batches were "
@@ -296,7 +301,7 @@ def _pages(
     after: Sequence[Any] | None,
     options: RunOptions,
     state: StateStore,
-) -> Iterator[list[tuple[Any, ...]]]:
+) -> Generator[list[tuple[Any, ...]], None, None]:
     """Rows to consider: earlier rejects first (re-read by key), then the pages."""
     if plan.order == "key":
         yield from extract.prefetch(

@@ -204,3 +204,45 @@ def test_diff_shows_what_sync_then_sends(
     assert run_cli(["sync"], env).exit_code == 0
     sent = {e["user_id"] for e in receiver.events()[before:]}
     assert listed == sent == {user_id(2), user_id(3)}
+
+
+def test_a_failed_run_stops_the_reader_thread_before_the_read_transaction_ends(
+    tmp_path: Path, sqlite_url: str, receiver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fatal answer mid-stream: the prefetch thread is stopped (and off the
+    connection) before the read-only transaction is rolled back."""
+    import contextlib
+    import threading
+
+    from etl import api, extract, pipeline
+    from etl.errors import FatalApiError
+
+    alive_at_rollback: list[int] = []
+    original = extract.read_only
+
+    @contextlib.contextmanager
+    def watched(conn: Any, **kwargs: Any) -> Any:
+        with original(conn, **kwargs) as inner:
+            try:
+                yield inner
+            finally:
+                names = [t.name for t in threading.enumerate()]
+                alive_at_rollback.append(names.count("etl-prefetch"))
+
+    monkeypatch.setattr(pipeline.extract, "read_only", watched)
+    seed(sqlite_url, n_users=300)
+    copy_mappings(tmp_path / "mappings")
+    with pytest.raises(FatalApiError):
+        api.sync(
+            source_url=sqlite_url,
+            state_url=f"sqlite:///{tmp_path / 'state.db'}",
+            mappings_dir=tmp_path / "mappings",
+            endpoint=receiver.url,
+            token="not-the-token",
+            api_key="k",
+            workspace_key="w",
+            streams=["users"],  # many pages: the reader is mid-table when the 401 comes
+            page_size=10,
+            batch_size=5,
+        )
+    assert alive_at_rollback == [0]
