@@ -59,6 +59,13 @@ def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
+_log_format = click.option(
+    "--log-format",
+    envvar="ETL_LOG_FORMAT",
+    type=click.Choice(["console", "json"]),
+    help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
+)
+
 # Options every data command takes.
 _common = _options(
     click.option(
@@ -95,12 +102,7 @@ _common = _options(
         metavar="NAME",
         help="Only this stream (repeatable). Default: every stream.",
     ),
-    click.option(
-        "--log-format",
-        envvar="ETL_LOG_FORMAT",
-        type=click.Choice(["console", "json"]),
-        help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
-    ),
+    _log_format,
 )
 
 
@@ -255,12 +257,6 @@ def _finish(run: RunReport) -> None:
         sys.exit(EXIT_PARTIAL)
 
 
-_log_format = click.option(
-    "--log-format",
-    envvar="ETL_LOG_FORMAT",
-    type=click.Choice(["console", "json"]),
-    help="Log lines format. [env ETL_LOG_FORMAT]",
-)
 # Options of the commands that read the state store only (state show/reset, runs).
 _state_store = _options(
     click.option(
