@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)  ## create .venv and install etl with its dev tools
 
 demo: $(STAMP)  ## run the real job end to end on a SQLite sample and the local receiver
-	$(BIN)/python -m etl.demo
+	$(BIN)/python -m tools.demo
 
 test: $(STAMP)  ## lint, type-check and run the whole test suite
 	$(BIN)/ruff check etl tests $(wildcard bench)

@@ -400,7 +400,7 @@ def rss_history(users: int, results: list[Result]) -> list[str]:
 
 def warm_up(env: dict[str, str]) -> None:
     """Import everything once so the byte-code cache is warm for every measured run."""
-    code = "import etl.cli, etl.api, etl.receiver, bench.naive"
+    code = "import etl.cli, etl.api, etl.receiver.server, bench.naive"
     measure.measure([sys.executable, "-c", code], env=env, timeout=120)
 
 

@@ -9,11 +9,11 @@ command-line options; each returns what the run did (see README "Library API"):
 The `etl` command line is built on the same functions.
 """
 
-# Set before the imports below: etl.load and etl.cli read it while etl.api loads.
+# Set before the imports below: etl.delivery.load and etl.cli read it while etl.api loads.
 __version__ = "0.1.0"
 
-# `diff` the function shadows the `etl.diff` submodule as an attribute of the
-# package; `from etl.diff import changes` still finds the module (sys.modules).
+# `diff` the function shadows the `etl.run.diff` submodule as an attribute of the
+# package; `from etl.run.diff import changes` still finds the module (sys.modules).
 from etl.api import backfill, diff, sync, validate
 
 __all__ = ["__version__", "backfill", "diff", "sync", "validate"]

@@ -23,14 +23,18 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from etl import check, extract, load, logs, sourcedb
+from etl import logs
+from etl.delivery import load
 from etl.errors import SourceError, UsageError
-from etl.extract import DEFAULT_PAGE_SIZE
-from etl.mapping import load_mappings
-from etl.mapping_fields import parse_lookback
+from etl.mapping.fields import parse_lookback
+from etl.mapping.parse import load_mappings
 from etl.model import DeliveryConfig, DiffReport, Mapping, RunReport, Secret, Shard
-from etl.pipeline import Collaborators, Progress, RunOptions, run
-from etl.state import StateStore
+from etl.run.options import Collaborators, Progress, RunOptions
+from etl.run.pipeline import run
+from etl.source import check, extract
+from etl.source import drivers as sourcedb
+from etl.source.extract import DEFAULT_PAGE_SIZE
+from etl.state.store import StateStore
 
 DEFAULT_ENDPOINT = "https://events.hyperengage.io/api/v1/s2s/event"
 DEFAULT_STATE_URL = "sqlite:///etl-state.db"

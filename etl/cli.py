@@ -24,7 +24,7 @@ import click
 import orjson
 import structlog
 
-from etl import __version__, api, logs, metrics, notify, outcome, report
+from etl import __version__, api, logs
 from etl.errors import (
     EtlError,
     LockedError,
@@ -32,7 +32,9 @@ from etl.errors import (
     UsageError,
 )
 from etl.model import RunReport
-from etl.state import StateStore
+from etl.monitor import metrics, notify, outcome
+from etl.report import render as report
+from etl.state.store import StateStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 EXIT_CODES: tuple[tuple[type[EtlError], int], ...] = (
@@ -530,10 +532,12 @@ def receiver(
     host: str, port: int, store: Path, token_file: Path | None, faults: Path | None
 ) -> None:
     """A local Hyperengage-compatible receiver, for demos, tests and failure rehearsals."""
-    from etl import receiver as rx  # noqa: PLC0415 - only this command needs the server
+    # imported here: only this command needs the server
+    from etl.receiver import server as rx  # noqa: PLC0415
+    from etl.receiver.faults import load_fault_plan  # noqa: PLC0415
 
     token = api.delivery_token(None, token_file)
-    plan = rx.load_fault_plan(faults) if faults else None
+    plan = load_fault_plan(faults) if faults else None
     rx.serve(store=store, tokens={token.reveal()}, faults=plan, host=host, port=port)
 
 

@@ -38,6 +38,17 @@ class SourceError(EtlError):
     """The source database could not be read (connection, SQL, permissions)."""
 
 
+class QueryError(SourceError):
+    """One read of a stream failed in the database; `mapping_path`/`stream` say whose,
+    `detail` is the driver's first line. The run layer adds what to fix."""
+
+    def __init__(self, message: str, *, mapping_path: str, stream: str, detail: str) -> None:
+        super().__init__(message)
+        self.mapping_path = mapping_path
+        self.stream = stream
+        self.detail = detail
+
+
 class ApiError(EtlError):
     """The Hyperengage API did not accept a request."""
 

@@ -7,6 +7,7 @@ can build any of them by hand.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -15,6 +16,8 @@ EventType = Literal["user_identify", "account_identify"]
 TraitType = Literal["text", "number", "integer", "boolean", "datetime", "date", "string_array"]
 FieldKind = Literal["column", "sql", "const"]
 ChangeKind = Literal["new", "changed", "unchanged", "invalid"]
+# A stream's watermark: a timestamp cursor's horizon, or an integer cursor's largest value.
+Watermark = dt.datetime | int
 
 EVENT_TYPES: tuple[EventType, ...] = ("account_identify", "user_identify")
 TRAIT_TYPES: tuple[TraitType, ...] = (
@@ -148,7 +151,7 @@ class Mapping:
 @dataclass(frozen=True, slots=True)
 class Unrepresentable:
     """A source value Python cannot hold, as the database spells it: PostgreSQL's
-    `infinity` / `-infinity` timestamps and dates. `etl.sourcedb` reads them as
+    `infinity` / `-infinity` timestamps and dates. `etl.source.drivers` reads them as
     this; transform makes their record invalid, naming the value."""
 
     text: str  # "infinity" or "-infinity"

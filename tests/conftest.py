@@ -62,7 +62,7 @@ def sqlite_url(tmp_path: Path) -> str:
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[object]:
     """The real local receiver on 127.0.0.1 (a free port), accepting TEST_TOKEN."""
-    from etl.receiver import start_receiver
+    from etl.receiver.server import start_receiver
 
     with start_receiver(store=tmp_path / "received.db", tokens={TEST_TOKEN}) as running:
         yield running

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from support import TOKEN, cli_env, copy_mappings, run_cli, seed
 
-from etl.receiver import FaultPlan, start_receiver
+from etl.receiver.faults import FaultPlan
+from etl.receiver.server import start_receiver
 
 N_USERS = 1500
 

@@ -138,10 +138,11 @@ from support import (
 )
 
 import etl.api
-import etl.load
-from etl.receiver import FaultPlan, RunningReceiver, start_receiver
-from etl.schema import SCHEMA_VERSION
-from etl.state import StateStore
+import etl.delivery.load
+from etl.receiver.faults import FaultPlan
+from etl.receiver.server import RunningReceiver, start_receiver
+from etl.state.schema import SCHEMA_VERSION
+from etl.state.store import StateStore
 
 HERE = Path(__file__).resolve().parent
 CLOSED_PORT = 9  # discard: nothing listens on it on 127.0.0.1
@@ -241,7 +242,7 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
     monkeypatch.setattr(etl.api, "delivery_config", delivery_config)
-    monkeypatch.setattr(etl.load, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(etl.delivery.load, "BACKOFF_BASE", 0.01)
 
 
 Respond = Callable[[BaseHTTPRequestHandler, threading.Event], None]

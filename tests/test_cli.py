@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from support import cli_env, copy_mappings, run_cli, seed, user_id, users
 
-from etl.report import DIFF_JSON_SCHEMA
+from etl.report.render import DIFF_JSON_SCHEMA
 
 
 @pytest.fixture
@@ -245,7 +245,7 @@ def test_an_unexpected_error_exits_1_without_the_token(
     """A bug deep inside still exits 1, with a traceback that has the token masked."""
     from support import TOKEN
 
-    from etl import pipeline
+    from etl.run import pipeline
 
     def explode(*_args: Any, **_kwargs: Any) -> Any:
         raise RuntimeError(f"boom at https://events.example.com/e?token={TOKEN} ({TOKEN})")

@@ -29,10 +29,11 @@ import pytest
 import sqlalchemy as sa
 from support import TOKEN, cli_env, copy_mappings, run_cli, seed, user_id, users, workspaces
 
-import etl.load
-from etl.receiver import FaultPlan, RunningReceiver, start_receiver
-from etl.schema import metadata
-from etl.state import StateStore
+import etl.delivery.load
+from etl.receiver.faults import FaultPlan
+from etl.receiver.server import RunningReceiver, start_receiver
+from etl.state.schema import metadata
+from etl.state.store import StateStore
 
 pytestmark = pytest.mark.postgres
 
@@ -213,7 +214,7 @@ def test_a_seeded_chaos_run_delivers_every_record(
     test short; the receiver draws faults in request order, so the seed alone
     decides the mix (checked below on what the receiver saw).
     """
-    monkeypatch.setattr(etl.load, "BACKOFF_BASE", 0.02)
+    monkeypatch.setattr(etl.delivery.load, "BACKOFF_BASE", 0.02)
     faults = {
         "seed": 11,
         "probabilities": {
@@ -656,7 +657,7 @@ def test_the_token_appears_in_no_output_of_a_failing_or_a_succeeding_run(
     store, after runs that fail (a 401 whose body echoes the token; an HTTP
     library error quoting the URL) and runs that succeed through retries and a
     reject, hold the token nowhere."""
-    monkeypatch.setattr(etl.load, "BACKOFF_BASE", 0.02)  # real sleeps, shorter
+    monkeypatch.setattr(etl.delivery.load, "BACKOFF_BASE", 0.02)  # real sleeps, shorter
     outputs: list[str] = []
     env = prepare(tmp_path, pg_url, "http://127.0.0.1:9/unused", n_workspaces=5, n_users=200)
     if backend == "postgres":

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etl.diff import ABSENT, LastSent, changes, field_changes, fingerprint, row_fingerprint
 from etl.model import Record
-from etl.transform import canonical
+from etl.run.diff import ABSENT, changes, field_changes, fingerprint, row_fingerprint
+from etl.run.transform import canonical
+from etl.state.store import LastSent
 
 
 def payload(traits: dict[str, Any], **ids: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from support import TOKEN, cli_env, copy_mappings, run_cli, seed, user_id, users
 
-from etl.state import StateStore
+from etl.state.store import StateStore
 
 SOURCES = [
     "sqlite_url",
@@ -214,8 +214,10 @@ def test_a_failed_run_stops_the_reader_thread_before_the_read_transaction_ends(
     import contextlib
     import threading
 
-    from etl import api, extract, pipeline
+    from etl import api
     from etl.errors import FatalApiError
+    from etl.run import pipeline
+    from etl.source import extract
 
     alive_at_rollback: list[int] = []
     original = extract.read_only

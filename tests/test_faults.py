@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from etl import faults, receiver
 from etl.errors import UsageError
-from etl.faults import NO_FAULT, Fault, FaultPicker, FaultPlan, load_fault_plan
+from etl.receiver.faults import NO_FAULT, Fault, FaultPicker, FaultPlan, load_fault_plan
 
 # --- parsing ----------------------------------------------------------------------
 
@@ -115,9 +114,3 @@ def test_picker_latency_does_not_change_the_faults_drawn() -> None:
     assert [fault for fault, _ in slow_picks] == [fault for fault, _ in plain_picks]
     assert all(latency == 0.0 for _, latency in plain_picks)
     assert all(0.010 <= latency <= 0.020 for _, latency in slow_picks)
-
-
-def test_receiver_still_offers_the_fault_plan_names() -> None:
-    """`etl.receiver` re-exports the fault plan names it used to define."""
-    for name in ("Fault", "FaultPlan", "NAMED_FAULTS", "NO_FAULT", "PLAN_KEYS", "load_fault_plan"):
-        assert getattr(receiver, name) is getattr(faults, name)

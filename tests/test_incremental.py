@@ -20,12 +20,14 @@ import pytest
 import sqlalchemy as sa
 from support import TOKEN, run_cli
 
-from etl import api, extract
-from etl.horizon import fall_back, safe_horizon, sqlite_text
-from etl.mapping import load_mappings
+from etl import api
+from etl.mapping.parse import load_mappings
 from etl.model import DeliveryConfig, RunReport, Secret
-from etl.pipeline import Collaborators, RunOptions, run
-from etl.state import StateStore
+from etl.run.options import Collaborators, RunOptions
+from etl.run.pipeline import run
+from etl.source import extract
+from etl.source.horizon import fall_back, safe_horizon, sqlite_text
+from etl.state.store import StateStore
 
 UTC = dt.UTC
 
@@ -310,7 +312,7 @@ def _pipeline(rig: Rig, *, progress: Any = None, page_size: int = 7) -> RunRepor
     config = DeliveryConfig(
         endpoint=rig.receiver.url, token=Secret(TOKEN), api_key="k", workspace_key="w"
     )
-    from etl.load import make_client
+    from etl.delivery.load import make_client
 
     try:
         with make_client(config) as client:

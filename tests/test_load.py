@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import etl
+from etl.delivery.load import batches, check_endpoint, deliver, make_client
 from etl.errors import FatalApiError, RetriableApiError, UsageError
-from etl.load import batches, check_endpoint, deliver, make_client
 from etl.model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing, Secret
 
 TOKEN = "tok-3f9c2a7be1d04c55"  # a fake token; every test that can leak it greps for it

@@ -12,12 +12,11 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-import etl.mapping
-from etl import yaml12
 from etl.errors import MappingError
-from etl.mapping import load_mappings, mapping_fingerprint, parse_lookback, parse_mapping
+from etl.mapping.fields import parse_lookback
+from etl.mapping.parse import load_mappings, mapping_fingerprint, parse_mapping
+from etl.mapping.yaml12 import DuplicateKeyError, MappingLoader
 from etl.model import Field, Source
-from etl.yaml12 import DuplicateKeyError, MappingLoader
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "mappings"
 PATH = "mappings/users.yml"
@@ -228,12 +227,6 @@ def test_loader_alone_rejects_duplicate_keys() -> None:
         (("b",), "x", 2, 2),
         ((), "a", 1, 3),
     ]
-
-
-def test_mapping_still_offers_the_loader_names() -> None:
-    """`etl.mapping` re-exports the YAML loader names it used to define."""
-    for name in ("DuplicateKey", "DuplicateKeyError", "MappingLoader"):
-        assert getattr(etl.mapping, name) is getattr(yaml12, name)
 
 
 def test_syntax_error_gives_line_and_column() -> None:

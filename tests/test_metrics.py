@@ -12,10 +12,10 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 from support import cli_env, copy_mappings, run_cli, seed, user_id, users
 
-from etl.metrics import RUN_METRICS, STREAM_METRICS, previous_success, render
 from etl.model import StreamReport
-from etl.outcome import RunOutcome
-from etl.state import StateStore
+from etl.monitor.metrics import RUN_METRICS, STREAM_METRICS, previous_success, render
+from etl.monitor.outcome import RunOutcome
+from etl.state.store import StateStore
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from support import TOKEN, cli_env, copy_mappings, run_cli, seed, user_id, users, ws_id
 
 from etl.model import StreamReport
-from etl.notify import send_notification, summary
-from etl.outcome import RunOutcome, safe_message
+from etl.monitor.notify import send_notification, summary
+from etl.monitor.outcome import RunOutcome, safe_message
 
 
 @dataclass

@@ -8,8 +8,9 @@ from pathlib import Path
 import click
 import pytest
 
-from etl import mapping, mapping_fields
 from etl.cli import EXIT_CODES, main
+from etl.mapping import fields as mapping_fields
+from etl.mapping import parse as mapping
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 

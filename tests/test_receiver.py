@@ -24,7 +24,9 @@ import pytest
 from conftest import TEST_TOKEN
 
 from etl.errors import UsageError
-from etl.receiver import FaultPlan, RunningReceiver, read_events, start_receiver
+from etl.receiver.faults import FaultPlan
+from etl.receiver.server import RunningReceiver, start_receiver
+from etl.receiver.store import read_events
 
 USER_EVENT: dict[str, Any] = {
     "event_id": "6f1c9a52-7d8e-5b3a-9c41-2e7f0d8b6a13",
@@ -447,7 +449,7 @@ def test_read_events_reads_a_store_across_restarts(tmp_path: Path, client: httpx
 
 SERVE = (
     "import pathlib, sys\n"
-    "from etl.receiver import serve\n"
+    "from etl.receiver.server import serve\n"
     "serve(store=pathlib.Path(sys.argv[1]), tokens={sys.argv[2]}, faults=None,"
     " host='127.0.0.1', port=0)\n"
 )

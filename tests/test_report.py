@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from etl.errors import UsageError
 from etl.model import DiffRecord, DiffReport, DiffStream, RunReport, StreamReport
-from etl.report import (
+from etl.report.render import (
     DIFF_JSON_SCHEMA,
     FORMATS,
     diff_to_dict,

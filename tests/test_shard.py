@@ -14,8 +14,8 @@ from support import TOKEN, copy_mappings, run_cli, seed, user_id, users
 
 from etl import api
 from etl.model import Shard
-from etl.receiver import start_receiver
-from etl.state import StateStore
+from etl.receiver.server import start_receiver
+from etl.state.store import StateStore
 
 
 def delivered(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:

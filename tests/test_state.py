@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from etl.diff import LastSent
 from etl.errors import LockedError, StateError
-from etl.state import Rejected, Sent, StateStore, decode_watermark, encode_watermark
+from etl.state.store import LastSent, Rejected, Sent, StateStore, decode_watermark, encode_watermark
 
 UTC = dt.UTC
 

@@ -17,7 +17,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from etl.model import MAX_EVENT_BYTES, TRAIT_TYPES, Field, Mapping, Record, Source, TraitType
-from etl.transform import (
+from etl.run.transform import (
     EventContext,
     canonical,
     event_id,

@@ -1,7 +1,7 @@
 """The HTML page of `etl diff --format html`: one self-contained file (inline CSS,
 no scripts, nothing fetched) with a summary table and a card per record.
 
-Pure, like `etl.report`, whose helpers it shares: `render_diff(..., format="html")`
+Pure, like `etl.report.render`, whose helpers it shares: `render_diff(..., format="html")`
 is the way in, and `render_html` is what it calls.
 """
 
@@ -12,16 +12,16 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from etl.model import DiffRecord, DiffReport, DiffStream
-from etl.report import (
-    _ABSENT,
-    _SUMMARY_KEYS,
-    _count_phrase,
-    _counts,
-    _more_note,
-    _plain,
-    _show,
-    _side,
-    _total_counts,
+from etl.report.common import (
+    ABSENT,
+    SUMMARY_KEYS,
+    count_phrase,
+    counts,
+    more_note,
+    plain,
+    show,
+    side,
+    total_counts,
 )
 
 _CSS: Final = """
@@ -76,13 +76,13 @@ tr.same > td { color:var(--muted); }
 
 
 def _h(text: str) -> str:
-    return html.escape(_plain(text), quote=True)
+    return html.escape(plain(text), quote=True)
 
 
 def _html_value(value: Any) -> str:
-    if value is _ABSENT:
+    if value is ABSENT:
         return '<span class="absent">absent</span>'
-    return f'<span class="v">{_h(_show(value))}</span>'
+    return f'<span class="v">{_h(show(value))}</span>'
 
 
 def _html_num(value: int) -> str:
@@ -90,15 +90,15 @@ def _html_num(value: int) -> str:
 
 
 def _html_summary(report: DiffReport) -> str:
-    order = (*_SUMMARY_KEYS, "read")
+    order = (*SUMMARY_KEYS, "read")
     head = "".join(f'<th class="num">{name}</th>' for name in order)
     rows = [
         f'<tr><th scope="row"><a href="#s{i}">{_h(s.stream)}</a></th>'
         f"<td><code>{_h(s.event_type)}</code></td>"
-        f"{''.join(_html_num(_counts(s)[k]) for k in order)}</tr>"
+        f"{''.join(_html_num(counts(s)[k]) for k in order)}</tr>"
         for i, s in enumerate(report.streams, 1)
     ]
-    total = _total_counts(report)
+    total = total_counts(report)
     foot = (
         f'<tr><th scope="row">Total</th><td></td>{"".join(_html_num(total[k]) for k in order)}</tr>'
     )
@@ -119,8 +119,8 @@ def _html_traits(traits: Mapping[str, Any]) -> str:
 def _html_diff_row(name: str, record: DiffRecord) -> str:
     if name in record.changes:
         old, new, style = (
-            _side(record.changes[name], "old"),
-            _side(record.changes[name], "new"),
+            side(record.changes[name], "old"),
+            side(record.changes[name], "new"),
             "changed",
         )
     else:
@@ -170,11 +170,11 @@ def _html_stream(index: int, stream: DiffStream) -> str:
     cards = "\n".join(_html_card(record) for record in stream.records)
     if not stream.records:
         cards = '<p class="empty">No records to show.</p>'
-    more = f'<p class="more">{_h(_more_note(stream))}</p>' if stream.truncated else ""
+    more = f'<p class="more">{_h(more_note(stream))}</p>' if stream.truncated else ""
     return (
         f'<section id="s{index}"><header><h2>{_h(stream.stream)}</h2>'
         f"<code>{_h(stream.event_type)}</code></header>"
-        f'<p class="counts">{_h(_count_phrase(_counts(stream), " · "))}</p>\n'
+        f'<p class="counts">{_h(count_phrase(counts(stream), " · "))}</p>\n'
         f"{cards}\n{more}</section>"
     )
 

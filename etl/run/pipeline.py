@@ -12,64 +12,32 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import re
-import threading
 import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
 import orjson
 import structlog
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
-from etl import extract
-from etl.errors import EtlError, SourceError, StoppedError
-from etl.flow import StreamFlow, Tally
-from etl.horizon import Watermark, lower_bound, safe_horizon
+from etl.errors import EtlError, QueryError, SourceError, StoppedError
 from etl.model import (
-    DeliveryConfig,
     DiffReport,
     DiffStream,
     Mapping,
     RunReport,
-    Shard,
     StreamReport,
+    Watermark,
 )
-from etl.state import StateStore
+from etl.run.flow import StreamFlow, Tally
+from etl.run.options import Collaborators, RunOptions
+from etl.source import extract
+from etl.source.check import explain_failure
+from etl.source.horizon import lower_bound, safe_horizon
+from etl.state.store import StateStore
 
 log = structlog.get_logger("etl")
-
-Mode = Literal["incremental", "full", "backfill"]
-Progress = Callable[[str, int, int | None], None]
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What kind of run, and its knobs."""
-
-    mode: Mode = "incremental"
-    dry_run: bool = False
-    force: bool = False  # backfill: send records even when unchanged
-    restart: bool = False  # backfill: ignore the checkpoint
-    page_size: int = extract.DEFAULT_PAGE_SIZE
-    diff_limit: int | None = None  # dry run: records listed per stream
-    shard: Shard | None = None  # this worker's share of every stream
-    max_transaction_age: dt.timedelta = dt.timedelta(hours=1)
-
-
-@dataclass
-class Collaborators:
-    """The I/O a run needs, built by the caller (the CLI or a test)."""
-
-    source: Engine
-    state: StateStore
-    delivery: DeliveryConfig
-    client: httpx.Client | None = None
-    progress: Progress | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-    sleep: Callable[[float], None] = time.sleep
-    noted: set[str] = field(default_factory=set)  # horizon notes already logged this run
 
 
 def run(
@@ -130,6 +98,15 @@ def run_stream(
     mapping: Mapping, *, options: RunOptions, io: Collaborators
 ) -> tuple[StreamReport, DiffStream | None]:
     """One stream: read what may have changed, diff it, send it, remember it."""
+    try:
+        return _run_stream(mapping, options=options, io=io)
+    except QueryError as exc:
+        raise explain_failure(io.source, mapping, exc) from None
+
+
+def _run_stream(
+    mapping: Mapping, *, options: RunOptions, io: Collaborators
+) -> tuple[StreamReport, DiffStream | None]:
     started = time.monotonic()
     bound = log.bind(stream=mapping.stream)
     # A shard keeps its own watermark and checkpoint; records and rejects are

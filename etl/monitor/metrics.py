@@ -20,7 +20,7 @@ from pathlib import Path
 
 from etl.errors import UsageError
 from etl.model import StreamReport
-from etl.outcome import RunOutcome
+from etl.monitor.outcome import RunOutcome
 
 # (name, help) of the run-level gauges, labelled {command}
 RUN_METRICS: tuple[tuple[str, str], ...] = (

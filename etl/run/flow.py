@@ -13,13 +13,13 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from etl import load
-from etl.diff import ABSENT, fingerprint, row_fingerprint, verdict
+from etl.delivery import load
 from etl.model import BatchResult, Change, DiffRecord, Mapping, Outgoing, Record
-from etl.state import Rejected, Sent
-from etl.transform import (
+from etl.run.diff import ABSENT, fingerprint, row_fingerprint, verdict
+from etl.run.options import Collaborators, RunOptions
+from etl.run.transform import (
     TRANSFORM_VERSION,
     EventContext,
     event_id,
@@ -27,10 +27,7 @@ from etl.transform import (
     record_key,
     to_event,
 )
-
-if TYPE_CHECKING:
-    # type-only: pipeline builds the flow, the flow never calls back into it
-    from etl.pipeline import Collaborators, RunOptions
+from etl.state.store import Rejected, Sent
 
 # Invalid/rejected keys kept per stream in a run record; the counts stay exact.
 MAX_LISTED = 1000

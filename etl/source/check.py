@@ -12,8 +12,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from etl.errors import MappingError
-from etl.extract import (
+from etl.errors import MappingError, QueryError, SourceError
+from etl.model import Mapping
+from etl.source.extract import (
     count_null_cursors,
     first_line,
     query_columns,
@@ -21,7 +22,6 @@ from etl.extract import (
     read_only,
     source_from,
 )
-from etl.model import Mapping
 
 
 def check_source(engine: sa.Engine, mappings: Sequence[Mapping]) -> list[str]:
@@ -125,3 +125,20 @@ def _try(
             f"{first_line(exc.orig)} — fix the SQL (it runs as written, inside the FROM)"
         ]
     return []
+
+
+def explain_failure(engine: sa.Engine, mapping: Mapping, error: QueryError) -> SourceError:
+    """A failed read, with what to fix: the mapping's problems as `validate
+    --check-source` finds them (on a fresh connection: the failed one may be in
+    an aborted transaction), else the generic advice the error already carries."""
+    try:
+        with engine.connect() as probe, read_only(probe):
+            problems = check_one(probe, mapping)
+    except Exception:  # the probe is best effort: the first error stands
+        return error
+    if not problems:
+        return error
+    return SourceError(
+        f"{error.mapping_path}: stream {error.stream}: the source query failed: {error.detail} — "
+        "`etl validate --check-source` finds:\n  " + "\n  ".join(problems)
+    )

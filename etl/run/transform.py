@@ -21,8 +21,8 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from etl.coerce import Invalid, converter
 from etl.model import MAX_EVENT_BYTES, REQUIRED_TRAITS, Mapping, Record
+from etl.run.coerce import Invalid, converter
 
 # Namespace of every event_id (a fixed random UUID: ids must never change).
 EVENT_NAMESPACE = uuid.UUID("6f1c1a52-3c0e-4f43-9a43-1d2f6b7e0c11")

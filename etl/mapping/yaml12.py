@@ -5,7 +5,7 @@ scalars, rejecting duplicate keys.
 YAML 1.1 one: `NO`, `on` and `2024-01-01` stay text and `012` is 12, while `<<`
 merges still work. It raises `DuplicateKeyError` listing every repeated key,
 or, with `reject_duplicates = False`, lists them in `duplicate_keys` so that
-`etl.mapping` can report them beside a file's other problems.
+`etl.mapping.parse` can report them beside a file's other problems.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and users rehearsing failures before going live (SPEC §2, §3).
 an unknown token, whole-request 400s, the 51,200-bytes-per-event rule, a 500
 after partial acceptance on a `null` element), stores what it accepts in a
 SQLite file and answers `{"status":"ok"}`; the rules it copies are in
-etl.receiver_rules. A `FaultPlan` (etl.faults) makes it misbehave on purpose and
+etl.receiver.rules. A `FaultPlan` (etl.receiver.faults) makes it misbehave on purpose and
 repeatably (seeded). `GET /health` and `GET /stats` serve demos.
 
     start_receiver(...)  serve in a background thread (a context manager)
@@ -32,21 +32,13 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 
 from etl.errors import UsageError
-from etl.faults import (
-    NAMED_FAULTS,
-    NO_FAULT,
-    PLAN_KEYS,
+from etl.receiver.faults import (
     Fault,
     FaultPicker,
     FaultPlan,
-    load_fault_plan,
 )
-from etl.receiver_rules import (
-    BYTES_PER_EVENT,
-    CONSTANT_FIELDS,
-    NON_EMPTY_FIELDS,
+from etl.receiver.rules import (
     OK_ANSWER,
-    STRING_FIELDS,
     Answer,
     Verdict,
     count_events,
@@ -54,27 +46,9 @@ from etl.receiver_rules import (
     json_answer,
     judge,
 )
-from etl.receiver_store import Store, read_events
+from etl.receiver.store import Store
 
-# The public API, with the names that moved to etl.faults and etl.receiver_rules.
-__all__ = [
-    "BYTES_PER_EVENT",
-    "CONSTANT_FIELDS",
-    "EVENT_PATH",
-    "MAX_BODY_BYTES",
-    "NAMED_FAULTS",
-    "NON_EMPTY_FIELDS",
-    "NO_FAULT",
-    "PLAN_KEYS",
-    "STRING_FIELDS",
-    "Fault",
-    "FaultPlan",
-    "RunningReceiver",
-    "load_fault_plan",
-    "read_events",
-    "serve",
-    "start_receiver",
-]
+# The public API, with the names that moved to etl.receiver.faults and etl.receiver.rules.
 
 EVENT_PATH = "/api/v1/s2s/event"
 # Bodies are held in memory whole: refuse absurd ones unread.

@@ -23,7 +23,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from etl.errors import SourceError
+from etl.errors import QueryError
 from etl.model import Mapping
 
 Order = Literal["cursor", "key"]
@@ -266,35 +266,24 @@ def _fetch_page(result: sa.CursorResult[Any]) -> list[tuple[Any, ...]]:
         result.close()
 
 
+CHECK_ADVICE = (
+    "check the table, columns, `where:` and `sql:` expressions (etl validate --check-source)"
+)
+
+
 def execute(conn: Connection, mapping: Mapping, query: sa.Executable) -> sa.CursorResult[Any]:
     """Run one read of `mapping`; a database error becomes a SourceError naming the fix."""
     try:
         return conn.execute(query)
     except sa.exc.DBAPIError as exc:
-        raise SourceError(
-            f"{mapping.path}: stream {mapping.stream}: the source query failed: "
-            f"{first_line(exc.orig)} — {_culprits(conn.engine, mapping)}"
+        detail = first_line(exc.orig)
+        raise QueryError(
+            f"{mapping.path}: stream {mapping.stream}: the source query failed: {detail} — "
+            f"{CHECK_ADVICE}",
+            mapping_path=str(mapping.path),
+            stream=mapping.stream,
+            detail=detail,
         ) from None
-
-
-def _culprits(engine: sa.Engine, mapping: Mapping) -> str:
-    """What to fix after a failed read: the mapping's problems as `validate
-    --check-source` finds them (on a fresh connection: the failed one may be in
-    an aborted transaction), else where to look."""
-    advice = (
-        "check the table, columns, `where:` and `sql:` expressions (etl validate --check-source)"
-    )
-    # imported here: check.py builds on this module, and only a failed read needs it
-    from etl.check import check_one  # noqa: PLC0415
-
-    try:
-        with engine.connect() as probe, read_only(probe):
-            problems = check_one(probe, mapping)
-    except Exception:  # the probe is best effort: the first error stands
-        return advice
-    if not problems:
-        return advice
-    return "`etl validate --check-source` finds:\n  " + "\n  ".join(problems)
 
 
 def first_line(error: BaseException | None) -> str:

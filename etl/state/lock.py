@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from etl.errors import LockedError
 from etl.model import Shard
-from etl.schema import LOCK_KEY, meta_table, upsert
+from etl.state.schema import LOCK_KEY, meta_table, upsert
 
 
 class RunLock:

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from etl.errors import UsageError
-from etl.receiver_rules import Verdict
+from etl.receiver.rules import Verdict
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (

@@ -17,10 +17,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from etl.errors import SourceError
-from etl.extract import execute
-from etl.model import Mapping
+from etl.model import Mapping, Watermark
+from etl.source.extract import execute
 
-Watermark = dt.datetime | int
 UTC = dt.UTC
 
 

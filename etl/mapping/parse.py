@@ -4,7 +4,7 @@ Each `*.yml` / `*.yaml` file in the mappings directory declares one stream.
 Every problem in every file is collected and raised once as a `MappingError`,
 each written `file: key: problem — fix`, so one `etl validate` shows them all.
 
-Files are read with `MappingLoader` (etl.yaml12): PyYAML's safe loader with
+Files are read with `MappingLoader` (etl.mapping.yaml12): PyYAML's safe loader with
 YAML 1.2 core scalars (`NO`, `on` and `2024-01-01` stay text, `012` is 12)
 that rejects duplicate keys.
 """
@@ -21,14 +21,13 @@ from typing import Any
 import yaml
 
 from etl.errors import MappingError
-from etl.mapping_fields import (
+from etl.mapping.fields import (
     REQUIRED,
     Problems,
     check_keys,
     choice,
     describe,
     optional_text,
-    parse_lookback,
     suggest,
     valid_field,
     valid_key,
@@ -38,20 +37,10 @@ from etl.mapping_fields import (
     valid_timezone,
     valid_traits,
 )
+from etl.mapping.yaml12 import DuplicateKey, MappingLoader
 from etl.model import EVENT_TYPES, EventType, Mapping
-from etl.yaml12 import DuplicateKey, DuplicateKeyError, MappingLoader
 
-# The public API, with the names that moved to etl.yaml12 and etl.mapping_fields.
-__all__ = [
-    "DEFAULT_LOOKBACK_SECONDS",
-    "DuplicateKey",
-    "DuplicateKeyError",
-    "MappingLoader",
-    "load_mappings",
-    "mapping_fingerprint",
-    "parse_lookback",
-    "parse_mapping",
-]
+# The public API, with the names that moved to etl.mapping.yaml12 and etl.mapping.fields.
 
 DEFAULT_LOOKBACK_SECONDS = 600.0
 

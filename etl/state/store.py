@@ -26,12 +26,10 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from etl.diff import LastSent
 from etl.errors import StateError, UsageError
-from etl.horizon import Watermark
-from etl.lock import RunLock
-from etl.model import Shard
-from etl.schema import (
+from etl.model import Shard, Watermark
+from etl.state.lock import RunLock
+from etl.state.schema import (
     open_engine,
     records_table,
     rejects_table,
@@ -42,6 +40,16 @@ from etl.schema import (
 )
 
 UTC = dt.UTC
+
+
+class LastSent(NamedTuple):
+    """What the state store remembers of a record: its payload hash and, when
+    asked for (field-level diffs), the payload itself as canonical JSON."""
+
+    hash: str
+    payload: bytes | None = None
+    # row_fingerprint() of the source row it was made from: equal => unchanged
+    source: str | None = None
 
 
 class Sent(NamedTuple):

@@ -1,5 +1,5 @@
 """Turns finished data into text for people and scripts: the dry-run report of
-`etl diff` (text, JSON, Markdown; HTML in etl.report_html, reached through
+`etl diff` (text, JSON, Markdown; HTML in etl.report.html, reached through
 `render_diff`), the plain tables of `etl state show` / `etl runs`, and the
 summary printed after a run.
 
@@ -18,21 +18,29 @@ from typing import Any, Final
 
 from etl.errors import UsageError
 from etl.model import DiffRecord, DiffReport, DiffStream, RunReport, StreamReport
+from etl.report.common import (
+    COUNT_KEYS,
+    SUMMARY_KEYS,
+    count_phrase,
+    counts,
+    more_note,
+    plain,
+    show,
+    side,
+    total_counts,
+)
+from etl.report.html import render_html
 
 FORMATS: Final = ("text", "json", "markdown", "html")
 SCHEMA_VERSION: Final = 1
-COUNT_KEYS: Final = ("read", "new", "changed", "unchanged", "invalid", "gone", "null_cursor")
 KINDS: Final = ("new", "changed", "invalid", "gone")
 # Summaries lead with what would be sent, then the rest; `read` closes the line.
-_SUMMARY_KEYS: Final = ("new", "changed", "invalid", "unchanged", "gone")
 GONE_NOTE: Final = "(sent before, no longer in the source; the API cannot delete)"
 RUN_LIST_LIMIT: Final = 20
 
 # A trait present on only one side of a change (the change dict lacks "old" or "new").
-_ABSENT: Final = object()
 _EMAIL = re.compile(r"([^@\s])[^@\s]*@([^@\s.])[^@\s]*\.([^@\s.]+)")
 # C0/C1 controls, line separators and bidi overrides (which can make text lie).
-_NON_PRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
 
 _VALUE = {
@@ -138,48 +146,6 @@ def _redact_report(report: DiffReport) -> DiffReport:
     return replace(report, streams=streams)
 
 
-# --- shared helpers ---------------------------------------------------------
-
-
-def _plain(text: str) -> str:
-    """`text` with control characters escaped, so a key cannot move a terminal's
-    cursor or break a table row."""
-    return _NON_PRINTABLE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
-
-
-def _show(value: Any) -> str:
-    """A value as one line of compact JSON, so "" vs null vs 0 stay distinct."""
-    if value is _ABSENT:
-        return "(absent)"
-    return _plain(json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str))
-
-
-def _counts(stream: DiffStream) -> dict[str, int]:
-    return {name: int(stream.counts.get(name, 0)) for name in COUNT_KEYS}
-
-
-def _total_counts(report: DiffReport) -> dict[str, int]:
-    return {name: sum(_counts(s)[name] for s in report.streams) for name in COUNT_KEYS}
-
-
-def _count_phrase(counts: Mapping[str, int], sep: str = ", ") -> str:
-    """`4 new, 2 changed, 1 invalid, 1,210 unchanged, 0 gone — read 1,217`."""
-    parts = sep.join(f"{counts[name]:,} {name}" for name in _SUMMARY_KEYS)
-    nulls = counts.get("null_cursor", 0)
-    note = (
-        f" ({nulls:,} rows with a NULL cursor: only --full and backfill send them)" if nulls else ""
-    )
-    return f"{parts} — read {counts['read']:,}{note}"
-
-
-def _more_note(stream: DiffStream) -> str:
-    return f"… and {stream.truncated:,} more (raise --limit)"
-
-
-def _side(change: Mapping[str, Any], side: str) -> Any:
-    return change.get(side, _ABSENT)
-
-
 # --- json -------------------------------------------------------------------
 
 
@@ -198,7 +164,7 @@ def _stream_to_dict(stream: DiffStream) -> dict[str, Any]:
     return {
         "stream": stream.stream,
         "event_type": stream.event_type,
-        "counts": _counts(stream),
+        "counts": counts(stream),
         "records": [_record_to_dict(record) for record in stream.records],
         "truncated": stream.truncated,
     }
@@ -231,25 +197,25 @@ def _paint(text: str, style: str, color: bool) -> str:
 
 
 def _text_new(record: DiffRecord, color: bool) -> list[str]:
-    traits = [f"    {_plain(name)}: {_show(value)}" for name, value in record.traits.items()]
-    return [_paint(f"+ {_plain(record.key)}", "new", color), *traits]
+    traits = [f"    {plain(name)}: {show(value)}" for name, value in record.traits.items()]
+    return [_paint(f"+ {plain(record.key)}", "new", color), *traits]
 
 
 def _text_changed(record: DiffRecord, color: bool) -> list[str]:
     changes = [
-        f"    {_plain(name)}: {_show(_side(change, 'old'))} → {_show(_side(change, 'new'))}"
+        f"    {plain(name)}: {show(side(change, 'old'))} → {show(side(change, 'new'))}"
         for name, change in record.changes.items()
     ]
-    return [_paint(f"~ {_plain(record.key)}", "changed", color), *changes]
+    return [_paint(f"~ {plain(record.key)}", "changed", color), *changes]
 
 
 def _text_invalid(record: DiffRecord, color: bool) -> list[str]:
-    reason = _plain(record.reason or "invalid")
-    return [_paint(f"! {_plain(record.key)}  {reason}", "invalid", color)]
+    reason = plain(record.reason or "invalid")
+    return [_paint(f"! {plain(record.key)}  {reason}", "invalid", color)]
 
 
 def _text_gone(record: DiffRecord, color: bool) -> list[str]:
-    return [_paint(f"- {_plain(record.key)}  {GONE_NOTE}", "gone", color)]
+    return [_paint(f"- {plain(record.key)}  {GONE_NOTE}", "gone", color)]
 
 
 _TEXT_RECORD: Final[dict[str, Callable[[DiffRecord, bool], list[str]]]] = {
@@ -263,15 +229,15 @@ _TEXT_RECORD: Final[dict[str, Callable[[DiffRecord, bool], list[str]]]] = {
 def _render_text(report: DiffReport, color: bool) -> str:
     lines: list[str] = []
     for stream in report.streams:
-        header = f"{_plain(stream.stream)} ({stream.event_type}): {_count_phrase(_counts(stream))}"
+        header = f"{plain(stream.stream)} ({stream.event_type}): {count_phrase(counts(stream))}"
         lines.append(_paint(header, "header", color))
         for record in stream.records:
             lines.extend(_TEXT_RECORD[record.kind](record, color))
         if stream.truncated:
-            lines.append(_more_note(stream))
+            lines.append(more_note(stream))
         lines.append("")
     streams = f"{len(report.streams)} stream{'s' if len(report.streams) != 1 else ''}"
-    total = _count_phrase(_total_counts(report))
+    total = count_phrase(total_counts(report))
     lines.append(f"total ({report.mode}, {streams}): {total}; dry run, nothing sent")
     return "\n".join(lines) + "\n"
 
@@ -281,7 +247,7 @@ def _render_text(report: DiffReport, color: bool) -> str:
 
 def _md(text: str) -> str:
     """Text that Markdown shows literally, also inside a table cell."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", _plain(text))
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", plain(text))
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -289,11 +255,9 @@ def _md_row(cells: Sequence[str]) -> str:
 
 
 def _md_summary(report: DiffReport) -> list[str]:
-    order = (*_SUMMARY_KEYS, "read")
-    rows = [
-        _md_row([_md(s.stream), *(f"{_counts(s)[k]:,}" for k in order)]) for s in report.streams
-    ]
-    total = _total_counts(report)
+    order = (*SUMMARY_KEYS, "read")
+    rows = [_md_row([_md(s.stream), *(f"{counts(s)[k]:,}" for k in order)]) for s in report.streams]
+    total = total_counts(report)
     return [
         _md_row(["stream", *order]),
         _md_row([":--", *("--:" for _ in order)]),
@@ -304,7 +268,7 @@ def _md_summary(report: DiffReport) -> list[str]:
 
 def _md_change_table(records: Sequence[DiffRecord]) -> list[str]:
     rows = [
-        _md_row([_md(r.key), _md(name), _md(_show(_side(c, "old"))), _md(_show(_side(c, "new")))])
+        _md_row([_md(r.key), _md(name), _md(show(side(c, "old"))), _md(show(side(c, "new")))])
         for r in records
         for name, c in r.changes.items()
     ]
@@ -335,7 +299,7 @@ def _md_stream(stream: DiffStream) -> list[str]:
     lines = [
         f"### {_md(stream.stream)} (`{stream.event_type}`)",
         "",
-        _count_phrase(_counts(stream)),
+        count_phrase(counts(stream)),
         "",
     ]
     lines += _md_change_table(by_kind["changed"])
@@ -343,7 +307,7 @@ def _md_stream(stream: DiffStream) -> list[str]:
     lines += _md_key_list("**Invalid**", by_kind["invalid"], with_reason=True)
     lines += _md_key_list(f"**Gone** {GONE_NOTE}", by_kind["gone"])
     if stream.truncated:
-        lines += [f"_{_md(_more_note(stream))}_", ""]
+        lines += [f"_{_md(more_note(stream))}_", ""]
     return lines
 
 
@@ -356,9 +320,6 @@ def _render_markdown(report: DiffReport) -> str:
 
 
 def _render_html(report: DiffReport) -> str:
-    # Imported here, not at the top: etl.report_html builds on this module's helpers.
-    from etl.report_html import render_html  # noqa: PLC0415 - a top-level import is circular
-
     return render_html(report)
 
 
@@ -394,10 +355,10 @@ def _cell(value: Any) -> str:
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Mapping):
-        return ", ".join(f"{_plain(str(k))}={_cell(v)}" for k, v in value.items())
+        return ", ".join(f"{plain(str(k))}={_cell(v)}" for k, v in value.items())
     if isinstance(value, list | tuple):
         return ", ".join(_cell(v) for v in value)
-    return _plain(str(value))
+    return plain(str(value))
 
 
 def _is_number(value: Any) -> bool:
@@ -443,9 +404,7 @@ def _listed(title: str, count: int, records: Sequence[tuple[str, str]], marker: 
     if not total:
         return []
     lines = [f"    {title} ({total:,}):"]
-    lines += [
-        f"      {marker} {_plain(key)}  {_plain(why)}" for key, why in records[:RUN_LIST_LIMIT]
-    ]
+    lines += [f"      {marker} {plain(key)}  {plain(why)}" for key, why in records[:RUN_LIST_LIMIT]]
     shown = min(len(records), RUN_LIST_LIMIT)
     if total > shown:
         lines.append(f"      … and {total - shown:,} more")
@@ -453,16 +412,16 @@ def _listed(title: str, count: int, records: Sequence[tuple[str, str]], marker: 
 
 
 def _run_stream_lines(s: StreamReport) -> list[str]:
-    counts = ", ".join(f"{getattr(s, k):,} {k}" for k in ("new", "changed", "unchanged", "invalid"))
+    parts = ", ".join(f"{getattr(s, k):,} {k}" for k in ("new", "changed", "unchanged", "invalid"))
     mode = ", full" if s.full else ""
     batches = _plural(s.batches, "batch", "batches")
     sent = f"sent {s.sent:,} in {batches}, {_plural(s.retries, 'retry', 'retries')}"
     lines = [
-        f"  {_plain(s.stream)} ({s.event_type}{mode}): read {s.read:,}, {counts}, "
+        f"  {plain(s.stream)} ({s.event_type}{mode}): read {s.read:,}, {parts}, "
         f"{s.rejected:,} rejected; {sent}; {s.seconds:.1f} s"
     ]
     if s.watermark:
-        lines.append(f"    watermark {_plain(s.watermark)}")
+        lines.append(f"    watermark {plain(s.watermark)}")
     if s.gone:
         lines.append(f"    {_plural(s.gone, 'record')} {GONE_NOTE}")
     if s.null_cursor:
@@ -483,5 +442,5 @@ def render_run_report(report: RunReport) -> str:
     for stream in report.streams:
         lines += _run_stream_lines(stream)
     if report.error:
-        lines.append(f"error: {_plain(report.error)}")
+        lines.append(f"error: {plain(report.error)}")
     return "\n".join(lines)

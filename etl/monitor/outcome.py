@@ -1,7 +1,7 @@
 """What a finished command did, whether it succeeded or not.
 
-The input of the metrics file (`etl.metrics`) and of the notification
-(`etl.notify`). A failed run has no RunReport, so an outcome is built either
+The input of the metrics file (`etl.monitor.metrics`) and of the notification
+(`etl.monitor.notify`). A failed run has no RunReport, so an outcome is built either
 from the report or from the exception; either way it holds no PII: counts per
 stream, the error's class and a redacted first line of its message.
 """

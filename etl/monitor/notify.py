@@ -22,7 +22,7 @@ import structlog
 
 from etl import __version__
 from etl.errors import UsageError
-from etl.outcome import RunOutcome
+from etl.monitor.outcome import RunOutcome
 
 log = structlog.get_logger("etl")
 TIMEOUT_SECONDS = 10.0

@@ -27,9 +27,9 @@ import httpx
 import orjson
 import structlog
 
-from . import __version__
-from .errors import FatalApiError, RetriableApiError, UsageError
-from .model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing
+from etl import __version__
+from etl.errors import FatalApiError, RetriableApiError, UsageError
+from etl.model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing
 
 log = structlog.get_logger(__name__)
 

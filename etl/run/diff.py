@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
 from etl.model import Change, Record
+from etl.state.store import LastSent
 
 ID_FIELDS = ("user_id", "account_id", "anonymous_id", "url")
 
@@ -25,16 +26,6 @@ class _Absent:
 
 
 ABSENT: Any = _Absent()
-
-
-class LastSent(NamedTuple):
-    """What the state store remembers of a record: its payload hash and, when
-    asked for (field-level diffs), the payload itself as canonical JSON."""
-
-    hash: str
-    payload: bytes | None = None
-    # row_fingerprint() of the source row it was made from: equal => unchanged
-    source: str | None = None
 
 
 def fingerprint(canonical: bytes) -> str:

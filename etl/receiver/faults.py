@@ -3,7 +3,7 @@
 A `FaultPlan` is read from JSON (`etl receiver --faults FILE`), with every
 problem reported at once in one UsageError. A `FaultPicker` replays it: the
 plan's `sequence` first, then draws seeded by the plan, so a run can be
-rehearsed again with the same faults. `etl.receiver` decides what each fault
+rehearsed again with the same faults. `etl.receiver.server` decides what each fault
 does to a request.
 
     load_fault_plan(path)     a plan file -> FaultPlan

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import structlog
 
-from etl.receiver import read_events, start_receiver
+from etl.receiver.server import start_receiver
+from etl.receiver.store import read_events
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKDIR = Path(os.environ.get("ETL_DEMO_DIR", "demo"))

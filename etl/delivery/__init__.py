@@ -1,0 +1,1 @@
+"""The Hyperengage client: batches, retries, bisection, rate limit."""

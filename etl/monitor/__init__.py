@@ -1,0 +1,1 @@
+"""After a run: metrics file, notify URL, run outcome."""

@@ -1,0 +1,1 @@
+"""Diff and run reports: text, json, markdown, html. Pure."""

@@ -1,0 +1,52 @@
+"""What a run is asked to do (`RunOptions`) and the I/O it is given (`Collaborators`).
+
+Shared by `run.pipeline`, which builds them into a run, and `run.flow`, which
+reads them while one stream's rows go through.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx
+from sqlalchemy.engine import Engine
+
+from etl.model import DeliveryConfig, Shard
+from etl.source import extract
+from etl.state.store import StateStore
+
+Mode = Literal["incremental", "full", "backfill"]
+Progress = Callable[[str, int, int | None], None]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What kind of run, and its knobs."""
+
+    mode: Mode = "incremental"
+    dry_run: bool = False
+    force: bool = False  # backfill: send records even when unchanged
+    restart: bool = False  # backfill: ignore the checkpoint
+    page_size: int = extract.DEFAULT_PAGE_SIZE
+    diff_limit: int | None = None  # dry run: records listed per stream
+    shard: Shard | None = None  # this worker's share of every stream
+    max_transaction_age: dt.timedelta = dt.timedelta(hours=1)
+
+
+@dataclass
+class Collaborators:
+    """The I/O a run needs, built by the caller (the CLI or a test)."""
+
+    source: Engine
+    state: StateStore
+    delivery: DeliveryConfig
+    client: httpx.Client | None = None
+    progress: Progress | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    sleep: Callable[[float], None] = time.sleep
+    noted: set[str] = field(default_factory=set)  # horizon notes already logged this run

@@ -1,0 +1,1 @@
+"""Reading the source database: query building, keyset pages, safe horizon, checks, drivers."""

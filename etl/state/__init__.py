@@ -1,0 +1,1 @@
+"""The state store: schema, migrations, lock, typed reads and writes."""

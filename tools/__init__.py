@@ -1,0 +1,1 @@
+"""Demo and rehearsal tooling: outside the product's import graph."""
