@@ -21,19 +21,19 @@ demo: $(STAMP)  ## run the real job end to end on a SQLite sample and the local 
 	$(BIN)/python -m tools.demo
 
 test: $(STAMP)  ## lint, type-check and run the whole test suite
-	$(BIN)/ruff check etl tests $(wildcard bench)
-	$(BIN)/ruff format --check etl tests $(wildcard bench)
+	$(BIN)/ruff check etl tests tools $(wildcard bench)
+	$(BIN)/ruff format --check etl tests tools $(wildcard bench)
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)  ## ruff and mypy only
-	$(BIN)/ruff check etl tests $(wildcard bench)
-	$(BIN)/ruff format --check etl tests $(wildcard bench)
+	$(BIN)/ruff check etl tests tools $(wildcard bench)
+	$(BIN)/ruff format --check etl tests tools $(wildcard bench)
 	$(BIN)/mypy
 
 fmt: $(STAMP)  ## format and auto-fix
-	$(BIN)/ruff format etl tests $(wildcard bench)
-	$(BIN)/ruff check --fix etl tests $(wildcard bench)
+	$(BIN)/ruff format etl tests tools $(wildcard bench)
+	$(BIN)/ruff check --fix etl tests tools $(wildcard bench)
 
 bench: $(STAMP)  ## benchmark on PostgreSQL (BENCH_USERS=1000000 by default)
 	$(BIN)/python -m bench.run
