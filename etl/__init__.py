@@ -1,7 +1,7 @@
 """etl: keep Hyperengage in step with your own users and workspaces tables.
 
 The library API is four functions with keyword-only arguments that mirror the
-command-line options; each returns what the run did (see README "Library API"):
+command-line options; each returns what the run did (see docs/production.md, "Library API"):
 
     import etl
     report = etl.sync(source_url="postgresql+psycopg://readonly@db/app")

@@ -524,7 +524,7 @@ def runs(state_url: str, limit: int, fmt: str) -> None:
     "--faults",
     type=click.Path(exists=True, path_type=Path),
     metavar="FILE",
-    help="JSON fault plan: inject 5xx, 429, drops, latency (see README).",
+    help="JSON fault plan: inject 5xx, 429, drops, latency (see docs/reference.md).",
 )
 @_log_format
 @_handled

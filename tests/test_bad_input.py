@@ -5,7 +5,7 @@ where a signal must reach it) messy data or a broken environment, and asserts
 the exit code (SPEC §3), the message (what, where, the fix) and that no record
 is lost or wrongly marked as sent. Sources are real SQLite and PostgreSQL
 databases; the API is the real local receiver, or a one-trick HTTP server on
-127.0.0.1. README "Troubleshooting" lists the messages and what to do.
+127.0.0.1. docs/troubleshooting.md lists the messages and what to do.
 
 Mapping files: exit 2 before the source is opened, no state created.
    1  a key given twice       traits.email: duplicate key 'email' on lines N and N+1
