@@ -6,8 +6,9 @@ every child the benchmark ever had. Output goes to temporary files (never
 pipes, which a chatty child could fill and block on); a timer kills a child
 that overruns its timeout.
 
-`Receiver` runs `etl receiver` in its own process (so it does not share a GIL
-with the measured run), on a port the OS picks, with a fresh store per run.
+`Receiver` runs the cheap sink (bench/sink.py) in its own process (so it does
+not share a GIL with the measured run), on a port the OS picks, one per run, and
+reports the CPU time it spent.
 """
 
 from __future__ import annotations
@@ -105,17 +106,13 @@ def json_lines(text: str) -> Iterator[dict[str, Any]]:
 
 
 class Receiver:
-    """`etl receiver` in a child process, on a free port, with its own store file."""
+    """The cheap sink (bench/sink.py) in a child process, on a free port."""
 
-    def __init__(self, store: Path, env: Mapping[str, str], *, start_timeout: float = 30) -> None:
-        self.store = store
+    def __init__(self, env: Mapping[str, str], *, start_timeout: float = 30) -> None:
         self.cpu_seconds: float | None = None  # known once stopped
-        self._log = store.with_suffix(".log").open("w+b")
+        self._log = tempfile.NamedTemporaryFile(prefix="etl-bench-sink-", suffix=".log")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "etl", "receiver", "--host", "127.0.0.1", "--port", "0"),
-                *("--store", str(store), "--log-format", "json"),
-            ],
+            [sys.executable, "-m", "bench.sink", "--host", "127.0.0.1", "--port", "0"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
@@ -146,7 +143,7 @@ class Receiver:
         return Path(self._log.name).read_text(errors="replace")
 
     def stats(self) -> dict[str, Any]:
-        """GET /stats: events stored, requests (by status)."""
+        """GET /stats: events counted, requests (by status)."""
         response = httpx.get(self.base_url + "/stats", timeout=60)
         response.raise_for_status()
         return dict(response.json())

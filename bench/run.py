@@ -3,53 +3,44 @@
 How to run it:
 
     make bench                                     # 1,000,000 users, 100,000 workspaces
-    BENCH_USERS=100000 python -m bench.run         # a quick look (~1 minute)
+    BENCH_USERS=100000 make bench                  # a quick look (a few minutes)
 
 It needs the PostgreSQL server on 127.0.0.1:5432 (user postgres, trust auth;
 override with BENCH_PG_DSN="host=... port=... user=..."). It creates a fresh
 database `etl_bench_<pid>_<time>`, seeds it (bench/seed.py; workspaces = users/10),
-writes mapping files for it, and runs each of these as its own process, against
-its own `etl receiver` process (a fresh store per run):
+writes mapping files for it, and measures four cases. Each case runs etl and
+the naive script (bench/naive.py) in turn, BENCH_PAIRS times (default 3), each
+run its own process against its own cheap sink (bench/sink.py: parses and
+counts, stores nothing, so the client's own cost is what is compared):
 
-    etl backfill                      the first full load
-    naive full                        bench/naive.py: read all -> post all, the baseline
-    etl sync (no change)              nothing changed since the backfill
-    naive incremental (no change)     bench/naive.py --since-last (updated_at > last max)
-    etl sync --full (no change)       re-reads and diffs every row, sends nothing
-    -- 1% of users change (role, updated_at = now()) --
-    etl sync (1% churn)
-    naive incremental (1% churn)
+    full load      etl backfill (a fresh state each time)   vs  naive: read all -> post all
+    no change      etl sync                                 vs  naive --since-last
+    sync --full    etl sync --full, nothing changed         vs  naive full (rows/s)
+    1% churn       etl sync after 1% of users changed       vs  naive --since-last
+                   (each pair gets its own 1%; the previous pair's changes are aged
+                   out of both tools' windows first)
 
 Then the database and the temporary directory are dropped, whatever happened.
 
-How to read it: `wall s` is the whole process, start-up included, for both
-sides; `rows` is what the run read (etl: the sum of `read` over the
-`stream.done` log lines; naive: its own count); `requests` is what the
-receiver saw; `CPU s` is the process's own user+system time (less sensitive
-than wall time to other load on the machine) and `rx CPU s` the receiver's;
-`peak RSS MB` is that process's own peak (os.wait4 rusage): compare it
-between BENCH_USERS=100000 and the default run to see that memory stays flat
-(each size's results are kept in /tmp/etl-bench-users<N>.json, and the other
-size is shown when present).
-`vs baseline` is the rows/s ratio for full runs (higher is better) and the
-wall-time ratio for incremental runs (lower is better). The issue's targets
-follow, PASS/FAIL each, and the whole table is written as JSON to
-/tmp/etl-bench-latest.json.
+How to read it: every figure is the median over the pairs. `wall s` is the
+whole process, start-up included, for both sides; `rows` is what the run read
+(etl: the sum of `read` over its `stream.done` log lines; naive: its own
+count); `requests` what the sink saw; `CPU s` the process's own user+system
+time (os.wait4) and `sink CPU s` the sink's during that run; `RSS MB` the
+process's own peak. `ratio` is the median of the pair-by-pair ratios: rows/s
+etl / naive for full reads (higher is better), wall etl / naive for incremental
+runs (lower is better). Pair-by-pair ratios hold up when the machine's speed
+drifts between pairs (it is shared). The issue's targets follow, PASS/FAIL
+each, and the whole table is written as JSON to /tmp/etl-bench-latest.json
+(and /tmp/etl-bench-users<N>.json, to compare peak RSS between sizes).
 
-The two no-change runs last about a second, so they run BENCH_REPEAT times
-(default 3) and the median wall time is kept; the others run once.
-
-Knobs (environment): BENCH_USERS (default 1000000), BENCH_TIMEOUT (seconds per
-run; default max(600, 3 ms per user)), BENCH_REPEAT, BENCH_ETL_ARGS (extra options for every
-etl sync/backfill, e.g. "--concurrency 4"), BENCH_PG_DSN. Exit status: 0 when
-every run finished, 1 when one failed (its stderr tail is printed and the
-table shows "failed"); a FAIL target alone does not change it (the targets are
-a report, not a gate — SPEC §8), unless BENCH_STRICT=1.
-
-The receiver is part of the measurement for both sides: it parses,
-validates and stores every event in SQLite (30-40 µs of CPU per event plus
-~0.6 s to start; see `rx CPU s`) on the same machine, so on a small machine
-it competes with the measured process for the CPUs.
+Knobs (environment): BENCH_USERS (default 1000000), BENCH_PAIRS (default 3),
+BENCH_CASES (comma-separated subset of full,nochange,fullsync,churn; default all),
+BENCH_TIMEOUT (seconds per run; default max(600, 3 ms per user)), BENCH_ETL_ARGS
+(extra options for every etl sync/backfill, e.g. "--concurrency 4"), BENCH_PG_DSN.
+Exit status: 0 when every run finished, 1 when one failed (its stderr tail is
+printed); a FAIL target alone does not change it (a report, not a gate —
+SPEC §8), unless BENCH_STRICT=1.
 """
 
 from __future__ import annotations
@@ -61,13 +52,14 @@ import platform
 import secrets
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bench import measure, seed
 
@@ -75,26 +67,22 @@ TMP = Path(tempfile.gettempdir())  # /tmp
 LATEST = TMP / "etl-bench-latest.json"
 HISTORY = "etl-bench-users{users}.json"  # in TMP: one per table size, to compare RSS
 RSS_LIMIT_MB = 150
+CASES = ("full", "nochange", "fullsync", "churn")
 
 
 @dataclass
-class Result:
-    """One measured run, as the table and the JSON show it."""
+class Run:
+    """One measured process."""
 
-    name: str
-    kind: str  # "full" or "incremental": how it is compared with its baseline
-    baseline: str | None = None
     status: str = "not run"
     rows: int | None = None
     seconds: float | None = None
     cpu_seconds: float | None = None
-    receiver_cpu_seconds: float | None = None
+    sink_cpu_seconds: float | None = None
     requests: int | None = None
     events: int | None = None
     sent: int | None = None
-    batches: int | None = None
     peak_rss_mb: float | None = None
-    ratio: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -109,6 +97,41 @@ class Result:
 
 
 @dataclass
+class Case:
+    """One comparison: etl and the naive script, run in turn, pair by pair."""
+
+    name: str
+    kind: Literal["full", "incremental"]  # compared by rows/s, or by wall time
+    etl: list[Run] = field(default_factory=list)
+    naive: list[Run] = field(default_factory=list)
+
+    def ratios(self) -> list[float]:
+        out = []
+        for a, b in zip(self.etl, self.naive, strict=False):
+            if not (a.ok and b.ok):
+                continue
+            if self.kind == "full" and a.rows_per_s and b.rows_per_s:
+                out.append(a.rows_per_s / b.rows_per_s)
+            elif self.kind == "incremental" and a.seconds and b.seconds:
+                out.append(a.seconds / b.seconds)
+        return out
+
+    @property
+    def ratio(self) -> float | None:
+        ratios = self.ratios()
+        return round(statistics.median(ratios), 2) if ratios else None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.etl and self.naive) and all(r.ok for r in (*self.etl, *self.naive))
+
+
+def median(runs: Sequence[Run], attr: str) -> float | None:
+    values = [getattr(r, attr) for r in runs if r.ok and getattr(r, attr) is not None]
+    return statistics.median(values) if values else None
+
+
+@dataclass
 class Bench:
     """Everything one benchmark run needs: where, with what, for how long."""
 
@@ -118,26 +141,31 @@ class Bench:
     env: dict[str, str]
     timeout: float
     etl_args: list[str]
-    results: list[Result] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return seed.source_url(self.dbname)
 
-    def etl(
-        self, name: str, args: Sequence[str], *, kind: str, baseline: str | None, repeat: int = 1
-    ) -> Result:
+    def etl(self, args: Sequence[str]) -> Run:
         def argv(endpoint: str) -> list[str]:
             return [
                 *(sys.executable, "-m", "etl", *args),
-                *("--source", self.url, "--state", f"sqlite:///{self.workdir / 'state.db'}"),
+                *("--source", self.url, "--state", f"sqlite:///{self.state}"),
                 *("--mappings", str(self.workdir / "mappings"), "--endpoint", endpoint),
                 *("--log-format", "json", *self.etl_args),
             ]
 
-        return self._run(Result(name, kind, baseline), argv, _etl_counts, repeat)
+        return self._run(argv, _etl_counts)
 
-    def naive(self, name: str, args: Sequence[str], *, kind: str, repeat: int = 1) -> Result:
+    @property
+    def state(self) -> Path:
+        return self.workdir / "state.db"
+
+    def forget_state(self) -> None:
+        for path in self.workdir.glob("state.db*"):
+            path.unlink()
+
+    def naive(self, args: Sequence[str]) -> Run:
         def argv(endpoint: str) -> list[str]:
             return [
                 *(sys.executable, "-m", "bench.naive", "--source", self.url),
@@ -145,51 +173,24 @@ class Bench:
                 *args,
             ]
 
-        return self._run(Result(name, kind), argv, _naive_counts, repeat)
+        return self._run(argv, _naive_counts)
 
     def _run(
-        self,
-        result: Result,
-        argv: Callable[[str], list[str]],
-        counts: Callable[[measure.Measured, Result], None],
-        repeat: int = 1,
-    ) -> Result:
-        """Measure a command (`repeat` times, keeping the median wall time: only
-        for runs that change nothing, so every repetition does the same work)."""
-        self.results.append(result)
-        index = len(self.results)
-        print(f"[{index}] {result.name} ...", end=" ", flush=True)
-        tries: list[tuple[measure.Measured, dict[str, Any], float | None]] = []
-        for attempt in range(repeat):
-            store = self.workdir / f"received-{index}-{attempt}.db"
-            try:
-                with measure.Receiver(store, self.env) as receiver:
-                    run = measure.measure(
-                        argv(receiver.endpoint),
-                        env=self.env,
-                        timeout=self.timeout,
-                        cwd=self.workdir,
-                    )
-                    stats = receiver.stats()
-                tries.append((run, stats, receiver.cpu_seconds))
-            except Exception as exc:  # the receiver or a stats call failed: report, go on
-                result.status = f"failed ({type(exc).__name__})"
-                print(f"failed: {exc}")
-                return result
-            finally:
-                for path in store.parent.glob(store.name + "*"):
-                    path.unlink()
-            if run.returncode != 0:
-                break
-        if len(tries) > 1:
-            walls = ", ".join(f"{t[0].seconds:.2f}" for t in tries)
-            result.notes.append(f"median of {len(tries)} runs (wall s: {walls})")
-        run, stats, receiver_cpu = sorted(tries, key=lambda t: t[0].seconds)[len(tries) // 2]
-        if tries[-1][0].returncode != 0:
-            run, stats, receiver_cpu = tries[-1]
+        self, argv: Callable[[str], list[str]], counts: Callable[[measure.Measured, Run], None]
+    ) -> Run:
+        result = Run()
+        try:
+            with measure.Receiver(self.env) as sink:
+                run = measure.measure(
+                    argv(sink.endpoint), env=self.env, timeout=self.timeout, cwd=self.workdir
+                )
+                stats = sink.stats()
+        except Exception as exc:  # the sink or a stats call failed: report, go on
+            result.status = f"failed ({type(exc).__name__}: {exc})"
+            return result
         result.seconds = round(run.seconds, 3)
         result.cpu_seconds = round(run.cpu_seconds, 3)
-        result.receiver_cpu_seconds = _round(receiver_cpu)
+        result.sink_cpu_seconds = _round(sink.cpu_seconds)
         result.peak_rss_mb = round(run.max_rss_kb / 1024, 1)
         result.requests = int(stats.get("requests", 0))
         result.events = int(stats.get("events", 0))
@@ -204,45 +205,33 @@ class Bench:
         except (ValueError, KeyError) as exc:
             result.notes.append(f"could not read its counts: {exc}")
         if not result.ok:
-            print(f"{result.status} after {run.seconds:.1f} s; stderr tail:")
+            print(f"\n  {result.status} after {run.seconds:.1f} s; stderr tail:")
             print(_indent(run.tail(20) or "(empty)"))
-        else:
-            rate = f", {result.rows_per_s:,.0f} rows/s" if result.rows_per_s else ""
-            print(
-                f"{run.seconds:.1f} s, {result.rows:,} rows{rate}, "
-                f"{result.requests} requests, {result.peak_rss_mb} MB"
-                + (f" (median of {len(tries)})" if len(tries) > 1 else "")
-            )
-        bad = non_200(stats)
+        bad = {k: v for k, v in stats.get("by_status", {}).items() if k != "200"}
         if bad:
-            result.notes.append(f"receiver answered non-200: {bad}")
+            result.notes.append(f"sink answered non-200: {bad}")
         return result
 
 
-def _etl_counts(run: measure.Measured, result: Result) -> None:
+def _etl_counts(run: measure.Measured, result: Run) -> None:
     done = [line for line in measure.json_lines(run.stderr) if line.get("event") == "stream.done"]
     if not done and run.returncode == 0:
         raise ValueError("no stream.done line in its log")
     result.rows = sum(int(d["read"]) for d in done)
     result.sent = sum(int(d["sent"]) for d in done)
-    result.batches = sum(int(d["batches"]) for d in done)
     invalid = sum(int(d.get("invalid", 0)) for d in done)
     if invalid:
         result.notes.append(f"{invalid} invalid records")
     if run.returncode == 0 and result.events is not None and result.sent != result.events:
-        result.notes.append(f"sent {result.sent} but the receiver stored {result.events}")
+        result.notes.append(f"sent {result.sent} but the sink counted {result.events}")
 
 
-def _naive_counts(run: measure.Measured, result: Result) -> None:
+def _naive_counts(run: measure.Measured, result: Run) -> None:
     lines = list(measure.json_lines(run.stdout))
     if not lines:
         raise ValueError("no summary line on its stdout")
     result.rows = int(lines[-1]["rows"])
     result.sent = result.events
-
-
-def non_200(stats: dict[str, Any]) -> dict[str, int]:
-    return {k: v for k, v in stats.get("by_status", {}).items() if k != "200"}
 
 
 def _round(value: float | None) -> float | None:
@@ -253,114 +242,121 @@ def _indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
-# ---------------------------------------------------------------- comparing
+def _show(run: Run) -> str:
+    if not run.ok:
+        return run.status
+    rate = f", {run.rows_per_s:,.0f} rows/s" if run.rows_per_s else ""
+    return f"{run.seconds:.2f} s{rate}, {run.peak_rss_mb} MB"
 
 
-def compare(results: list[Result]) -> None:
-    """Fill each etl run's ratio to its baseline."""
-    by_name = {r.name: r for r in results}
-    for result in results:
-        base = by_name.get(result.baseline or "")
-        if base is None or not result.ok or not base.ok:
-            continue
-        if result.kind == "full" and result.rows_per_s and base.rows_per_s:
-            result.ratio = round(result.rows_per_s / base.rows_per_s, 2)
-        elif result.kind == "incremental" and result.seconds and base.seconds:
-            result.ratio = round(result.seconds / base.seconds, 2)
+def paired(
+    cases: list[Case],
+    case: Case,
+    *,
+    pairs: int,
+    etl: Callable[[], Run],
+    naive: Callable[[], Run],
+    before: Callable[[int], None] | None = None,
+) -> None:
+    """Run etl then naive, `pairs` times; `before(i)` prepares pair i."""
+    cases.append(case)
+    for i in range(pairs):
+        if before is not None:
+            before(i)
+        print(f"  {case.name} [{i + 1}/{pairs}] etl ...", end=" ", flush=True)
+        case.etl.append(etl())
+        print(_show(case.etl[-1]), "| naive ...", end=" ", flush=True)
+        case.naive.append(naive())
+        print(_show(case.naive[-1]), flush=True)
+        if not (case.etl[-1].ok and case.naive[-1].ok):
+            break
 
 
-def targets(results: list[Result]) -> list[dict[str, Any]]:
-    """The issue's targets: PASS, FAIL, or n/a when a run they need failed."""
-    r = {x.name: x for x in results}
+# ---------------------------------------------------------------- targets
 
-    def check(name: str, needs: Sequence[str], test: Callable[[], tuple[bool, str]]) -> None:
-        if needs and all(n in r and r[n].ok for n in needs):
-            passed, detail = test()
-            verdict = "PASS" if passed else "FAIL"
-        else:
-            verdict, detail = "n/a", "a run it needs failed"
-        out.append({"target": name, "verdict": verdict, "detail": detail})
 
+def targets(cases: list[Case], history: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The issue's targets: PASS, FAIL, or n/a when a case did not run cleanly."""
+    by = {c.name: c for c in cases}
     out: list[dict[str, Any]] = []
 
-    def t1() -> tuple[bool, str]:
-        a, b = r["etl backfill"].rows_per_s or 0, r["naive full"].rows_per_s or 0
-        return a >= 1.5 * b, f"{a:,.0f} vs 1.5 x {b:,.0f} = {1.5 * b:,.0f} rows/s"
+    def check(name: str, case: str, test: Callable[[Case], tuple[bool, str]]) -> None:
+        c = by.get(case)
+        if c is None or not c.ok or c.ratio is None:
+            out.append({"target": name, "verdict": "n/a", "detail": "its case did not run"})
+            return
+        passed, detail = test(c)
+        out.append({"target": name, "verdict": "PASS" if passed else "FAIL", "detail": detail})
 
-    def t2() -> tuple[bool, str]:
-        etl, naive = r["etl sync (1% churn)"], r["naive incremental (1% churn)"]
-        a, b = etl.seconds or 0, naive.seconds or 0
-        rows = "same rows" if etl.rows == naive.rows else f"rows {etl.rows} vs {naive.rows}"
-        return a <= b, f"{a:.2f} s vs {b:.2f} s ({rows})"
+    def rows_ratio(limit: float) -> Callable[[Case], tuple[bool, str]]:
+        def test(c: Case) -> tuple[bool, str]:
+            ratio = c.ratio or 0
+            a, b = median(c.etl, "rows_per_s") or 0, median(c.naive, "rows_per_s") or 0
+            return ratio >= limit, f"{ratio:.2f}x ({a:,.0f} vs {b:,.0f} rows/s)"
 
-    def t3() -> tuple[bool, str]:
-        a = r["etl sync (no change)"].seconds or 0
-        b = r["naive incremental (no change)"].seconds or 0
-        return a <= 2 * b, f"{a:.2f} s vs 2 x {b:.2f} s = {2 * b:.2f} s"
+        return test
 
-    def t4() -> tuple[bool, str]:
-        full = r["etl sync --full (no change)"]
-        a = full.rows_per_s or 0
-        return a >= 50_000, f"{a:,.0f} rows/s ({full.rows:,} rows in {full.seconds:.1f} s)"
+    def wall_ratio(c: Case) -> tuple[bool, str]:
+        ratio = c.ratio or 0
+        a, b = median(c.etl, "seconds") or 0, median(c.naive, "seconds") or 0
+        return ratio <= 1.0, f"{ratio:.2f}x ({a:.2f} s vs {b:.2f} s)"
 
-    def t5() -> tuple[bool, str]:
-        worst = max(etl_runs, key=lambda x: x.peak_rss_mb or 0)
-        return (worst.peak_rss_mb or 0) <= RSS_LIMIT_MB, (
-            f"max {worst.peak_rss_mb} MB ({worst.name}); limit {RSS_LIMIT_MB} MB"
+    check("full backfill rows/s >= 1.5x naive full load", "full load", rows_ratio(1.5))
+    check("1% churn sync wall <= naive incremental", "1% churn", wall_ratio)
+    check("no-change sync wall <= naive incremental", "no change", wall_ratio)
+    check("sync --full (no change) rows/s >= 3x naive full", "sync --full", rows_ratio(3.0))
+    runs = [(c.name, r) for c in cases for r in c.etl if r.ok and r.peak_rss_mb]
+    if runs:
+        name, worst = max(runs, key=lambda x: x[1].peak_rss_mb or 0)
+        rss = worst.peak_rss_mb or 0
+        detail = f"max {rss} MB ({name}); limit {RSS_LIMIT_MB} MB"
+        passed = rss <= RSS_LIMIT_MB
+        if history:
+            other = history["users"], history.get("max_etl_rss_mb") or 0
+            detail += f"; {other[0]:,} users: max {other[1]} MB"
+        out.append(
+            {"target": f"peak RSS <= {RSS_LIMIT_MB} MB", "verdict": "PASS" if passed else "FAIL"}
+            | {"detail": detail}
         )
-
-    etl_runs = [x for x in results if x.name.startswith("etl")]
-    check("full backfill rows/s >= 1.5x naive full", ["etl backfill", "naive full"], t1)
-    check(
-        "1%-churn sync wall <= naive incremental wall",
-        ["etl sync (1% churn)", "naive incremental (1% churn)"],
-        t2,
-    )
-    check(
-        "no-change sync wall <= 2x naive incremental (no change)",
-        ["etl sync (no change)", "naive incremental (no change)"],
-        t3,
-    )
-    check("sync --full, nothing changed >= 50,000 rows/s", ["etl sync --full (no change)"], t4)
-    check(f"peak RSS <= {RSS_LIMIT_MB} MB (every etl run)", [x.name for x in etl_runs], t5)
     return out
 
 
 # ---------------------------------------------------------------- printing
 
 
-def table(results: list[Result]) -> str:
+def table(cases: list[Case]) -> str:
     header = (
-        *("run", "rows", "wall s", "CPU s", "rx CPU s", "rows/s", "requests", "peak RSS MB"),
-        "vs baseline",
+        *("case", "who", "rows", "wall s", "rows/s", "CPU s", "sink CPU s", "requests"),
+        *("RSS MB", "ratio (median of pairs)"),
     )
-    rows = [header]
-    for r in results:
-        if r.ratio is None:
-            ratio = "-" if r.baseline is None else "n/a"
-        elif r.kind == "full":
-            ratio = f"{r.ratio:.2f}x rows/s of {r.baseline}"
-        else:
-            ratio = f"{r.ratio:.2f}x wall of {r.baseline}"
-        failed = None if r.ok else r.status
-        rows.append(
-            (
-                r.name,
-                failed or _num(r.rows),
-                _num(r.seconds, "{:.2f}"),
-                _num(r.cpu_seconds, "{:.2f}"),
-                _num(r.receiver_cpu_seconds, "{:.2f}"),
-                "" if failed else _num(r.rows_per_s, "{:,.0f}"),
-                _num(r.requests),
-                _num(r.peak_rss_mb, "{:.1f}"),
-                ratio,
+    rows: list[tuple[str, ...]] = [header]
+    for c in cases:
+        for who, runs in (("etl", c.etl), ("naive", c.naive)):
+            ratio = ""
+            if who == "etl":
+                ratios = ", ".join(f"{r:.2f}" for r in c.ratios())
+                unit = "rows/s" if c.kind == "full" else "wall"
+                ratio = f"{c.ratio:.2f}x {unit} ({ratios})" if c.ratio is not None else "n/a"
+            failed = next((r.status for r in runs if not r.ok), None)
+            rows.append(
+                (
+                    c.name if who == "etl" else "",
+                    who,
+                    failed or _num(median(runs, "rows"), "{:,.0f}"),
+                    _num(median(runs, "seconds"), "{:.2f}"),
+                    _num(median(runs, "rows_per_s"), "{:,.0f}"),
+                    _num(median(runs, "cpu_seconds"), "{:.2f}"),
+                    _num(median(runs, "sink_cpu_seconds"), "{:.2f}"),
+                    _num(median(runs, "requests"), "{:,.0f}"),
+                    _num(median(runs, "peak_rss_mb"), "{:.1f}"),
+                    ratio,
+                )
             )
-        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
         cells = [
-            str(c).ljust(w) if i in (0, len(header) - 1) else str(c).rjust(w)
+            str(c).ljust(w) if i in (0, 1, len(header) - 1) else str(c).rjust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
@@ -369,30 +365,21 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def _num(value: float | None, fmt: str = "{:,}") -> str:
+def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def rss_history(users: int, results: list[Result]) -> list[str]:
-    """Peak RSS of each etl run at this size next to the other size's, when kept."""
-    lines = []
-    for path in sorted(TMP.glob(HISTORY.format(users="*"))):
+def other_size(users: int) -> dict[str, Any] | None:
+    """The most recent result kept for another table size, to compare peak RSS."""
+    kept = []
+    for path in TMP.glob(HISTORY.format(users="*")):
         try:
             other = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if other.get("users") == users:
-            continue
-        before = {
-            r["name"]: r.get("peak_rss_mb") for r in other.get("runs", []) if r["status"] == "ok"
-        }
-        for r in results:
-            if r.ok and r.name.startswith("etl") and before.get(r.name) and r.peak_rss_mb:
-                lines.append(
-                    f"  {r.name:<30} {other['users']:>9,} users: {before[r.name]:6.1f} MB"
-                    f"   {users:>9,} users: {r.peak_rss_mb:6.1f} MB"
-                )
-    return lines
+        if other.get("users") != users and other.get("max_etl_rss_mb"):
+            kept.append((path.stat().st_mtime, other))
+    return max(kept, key=lambda x: x[0])[1] if kept else None
 
 
 # ---------------------------------------------------------------- main
@@ -400,7 +387,7 @@ def rss_history(users: int, results: list[Result]) -> list[str]:
 
 def warm_up(env: dict[str, str]) -> None:
     """Import everything once so the byte-code cache is warm for every measured run."""
-    code = "import etl.cli, etl.api, etl.receiver.server, bench.naive"
+    code = "import etl.cli, etl.api, bench.naive, bench.sink"
     measure.measure([sys.executable, "-c", code], env=env, timeout=120)
 
 
@@ -412,7 +399,12 @@ def main() -> int:
     users = int(os.environ.get("BENCH_USERS", "1000000"))
     timeout = float(os.environ.get("BENCH_TIMEOUT", max(600.0, users * 0.003)))
     etl_args = shlex.split(os.environ.get("BENCH_ETL_ARGS", ""))
-    repeat = max(1, int(os.environ.get("BENCH_REPEAT", "3")))
+    pairs = max(1, int(os.environ.get("BENCH_PAIRS", "3")))
+    wanted = [c.strip() for c in os.environ.get("BENCH_CASES", ",".join(CASES)).split(",")]
+    unknown = set(wanted) - set(CASES)
+    if unknown:
+        print(f"BENCH_CASES: unknown {sorted(unknown)} — use some of {', '.join(CASES)}")
+        return 2
     started = dt.datetime.now(dt.UTC)
     # Our own secrets and defaults: nothing inherited changes what etl does.
     # Byte-code is cached (outside the tree) as on any real install, even where
@@ -430,13 +422,15 @@ def main() -> int:
     bench = Bench(users, workdir, dbname, env, timeout, etl_args)
     print(
         f"etl benchmark: {users:,} users, {max(1, users // 10):,} workspaces; "
-        f"database {dbname}; timeout {timeout:g} s per run; {os.cpu_count()} CPUs, "
+        f"database {dbname}; {pairs} pairs per case; {os.cpu_count()} CPUs, "
         f"load average {_load()} (other work on the machine skews wall times)"
     )
     load_before = _load()
     created = False
     seed_steps: dict[str, float] = {}
-    churned = None
+    cases: list[Case] = []
+    churned: list[int] = []
+    stopped = None
     try:
         seed.create_database(dbname)
         created = True
@@ -444,34 +438,52 @@ def main() -> int:
         print(f"  seeded in {sum(seed_steps.values()):.1f} s")
         seed.write_mappings(workdir / "mappings")
         warm_up(env)
+        # Every case needs the state a backfill leaves and the naive state file.
+        if "full" in wanted:
+            paired(
+                cases,
+                Case("full load", "full"),
+                pairs=pairs,
+                etl=lambda: bench.etl(["backfill"]),
+                naive=lambda: bench.naive([]),
+                before=lambda _: bench.forget_state(),
+            )
+        else:
+            print("  (not measured) etl backfill + naive full, to set up the state ...")
+            bench.etl(["backfill"])
+            bench.naive([])
+        if "nochange" in wanted:
+            paired(
+                cases,
+                Case("no change", "incremental"),
+                pairs=pairs,
+                etl=lambda: bench.etl(["sync"]),
+                naive=lambda: bench.naive(["--since-last"]),
+            )
+        if "fullsync" in wanted:
+            paired(
+                cases,
+                Case("sync --full", "full"),
+                pairs=pairs,
+                etl=lambda: bench.etl(["sync", "--full"]),
+                naive=lambda: bench.naive([]),
+            )
+        if "churn" in wanted:
 
-        bench.etl("etl backfill", ["backfill"], kind="full", baseline="naive full")
-        bench.naive("naive full", [], kind="full")
-        bench.etl(
-            "etl sync (no change)",
-            ["sync"],
-            kind="incremental",
-            baseline="naive incremental (no change)",
-            repeat=repeat,
-        )
-        bench.naive(
-            "naive incremental (no change)", ["--since-last"], kind="incremental", repeat=repeat
-        )
-        bench.etl(
-            "etl sync --full (no change)", ["sync", "--full"], kind="full", baseline="naive full"
-        )
-        churned = seed.churn(dbname, fraction=0.01)
-        print(f"  changed {churned:,} users (1%)")
-        bench.etl(
-            "etl sync (1% churn)",
-            ["sync"],
-            kind="incremental",
-            baseline="naive incremental (1% churn)",
-        )
-        bench.naive("naive incremental (1% churn)", ["--since-last"], kind="incremental")
+            def churn(i: int) -> None:
+                churned.append(seed.churn(dbname, fraction=0.01, seed_text=f"churn-{i}"))
+
+            paired(
+                cases,
+                Case("1% churn", "incremental"),
+                pairs=pairs,
+                etl=lambda: bench.etl(["sync"]),
+                naive=lambda: bench.naive(["--since-last"]),
+                before=churn,
+            )
     except Exception as exc:  # seeding or churn failed: report what we have
-        print(f"\nbenchmark stopped: {type(exc).__name__}: {exc}")
-        bench.results.append(Result(f"(stopped: {type(exc).__name__})", "full"))
+        stopped = f"{type(exc).__name__}: {exc}"
+        print(f"\nbenchmark stopped: {stopped}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         if created:
@@ -480,28 +492,31 @@ def main() -> int:
             except Exception as exc:
                 print(f"could not drop {dbname}: {exc} — drop it by hand")
 
-    results = bench.results
-    compare(results)
-    verdicts = targets(results)
+    history = other_size(users)
+    verdicts = targets(cases, history)
     print()
-    print(table(results))
-    notes = [f"  {r.name}: {note}" for r in results for note in r.notes]
-    full_sync = next((r for r in results if r.name == "etl sync --full (no change)"), None)
-    if full_sync and full_sync.ok and full_sync.sent:
-        notes.append(f"  etl sync --full (no change): sent {full_sync.sent} (expected 0)")
+    print(table(cases))
+    notes = [
+        f"  {c.name} ({who} #{i + 1}): {note}"
+        for c in cases
+        for who, runs in (("etl", c.etl), ("naive", c.naive))
+        for i, r in enumerate(runs)
+        for note in r.notes
+    ]
+    for c in cases:
+        if c.name == "sync --full" and any(r.sent for r in c.etl):
+            notes.append(f"  sync --full: sent {[r.sent for r in c.etl]} (expected 0)")
     if notes:
         print("\nnotes:\n" + "\n".join(notes))
-    print("\ntargets (from the issue):")
+    print("\ntargets (issue 16):")
     for v in verdicts:
-        print(f"  {v['verdict']:<4}  {v['target']:<58} {v['detail']}")
-    history = rss_history(users, results)
-    if history:
-        print("\npeak RSS by table size (flat is the goal):")
-        print("\n".join(history))
+        print(f"  {v['verdict']:<4}  {v['target']:<50} {v['detail']}")
+    etl_rss = [r.peak_rss_mb for c in cases for r in c.etl if r.ok and r.peak_rss_mb]
     report = {
         "started_at": started.isoformat(timespec="seconds"),
         "users": users,
         "workspaces": max(1, users // 10),
+        "pairs": pairs,
         "churned_users": churned,
         "seed_seconds": {k: round(v, 2) for k, v in seed_steps.items()},
         "host": {
@@ -511,14 +526,26 @@ def main() -> int:
             "load_average_after": _load(),
         },
         "etl_args": etl_args,
-        "runs": [asdict(r) | {"rows_per_s": r.rows_per_s} for r in results],
+        "cases": [
+            {
+                "name": c.name,
+                "kind": c.kind,
+                "ratio": c.ratio,
+                "ratios": [round(r, 3) for r in c.ratios()],
+                "etl": [asdict(r) | {"rows_per_s": r.rows_per_s} for r in c.etl],
+                "naive": [asdict(r) | {"rows_per_s": r.rows_per_s} for r in c.naive],
+            }
+            for c in cases
+        ],
+        "max_etl_rss_mb": max(etl_rss) if etl_rss else None,
         "targets": verdicts,
+        "stopped": stopped,
     }
     text = json.dumps(report, indent=2)
     LATEST.write_text(text)
     (TMP / HISTORY.format(users=users)).write_text(text)
     print(f"\nresults: {LATEST} (and {TMP / HISTORY.format(users=users)})")
-    failed = any(not r.ok for r in results)
+    failed = stopped is not None or not all(c.ok for c in cases)
     missed = any(v["verdict"] != "PASS" for v in verdicts)
     return 1 if failed or (missed and os.environ.get("BENCH_STRICT") == "1") else 0
 

@@ -158,6 +158,12 @@ ALTER TABLE users ADD PRIMARY KEY (id);
 CREATE INDEX users_updated_at_id ON users (updated_at, id);
 """
 
+# Earlier churn moves a day back, below both tools' incremental windows, so each
+# churn round is read alone (etl re-reads its lookback, 10 minutes, by design).
+_AGE_CHURN = """
+UPDATE users SET updated_at = updated_at - interval '1 day'
+WHERE updated_at > now() - interval '1 day'
+"""
 # Exactly 1% of the users (a seeded pick), a role that differs, and a fresh updated_at.
 _CHURN = """
 UPDATE users
@@ -293,6 +299,7 @@ def churn(dbname: str, *, fraction: float = 0.01, seed_text: str = "churn-1") ->
     with _connect(dbname) as conn:
         (total,) = conn.execute("SELECT count(*) FROM users").fetchone() or (0,)
         n = max(1, round(total * fraction))
+        conn.execute(_AGE_CHURN)
         changed = conn.execute(_CHURN, {"seed": seed_text, "n": n}).rowcount
         conn.execute("ANALYZE users")
     return changed
