@@ -541,6 +541,32 @@ def receiver(
     rx.serve(store=store, tokens={token.reveal()}, faults=plan, host=host, port=port)
 
 
+@main.group()
+def schema() -> None:
+    """Print the JSON Schemas of etl's file formats, for editors and CI."""
+
+
+@schema.command("mapping")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="FILE",
+    help="Write the schema to FILE instead of standard output.",
+)
+def schema_mapping(output: Path | None) -> None:
+    """The mapping file format as a JSON Schema (draft 2020-12), from the validator's own
+    key definitions. Point the YAML language server at it with a first line
+    `# yaml-language-server: $schema=mapping.schema.json`."""
+    from etl.mapping.schema import mapping_schema  # noqa: PLC0415
+
+    text = orjson.dumps(mapping_schema(), option=orjson.OPT_INDENT_2).decode() + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote the mapping schema to {output}", err=True)
+
+
 # ---------------------------------------------------------------- helpers
 
 

@@ -10,8 +10,7 @@ import click
 import pytest
 
 from etl.cli import EXIT_CODES, main
-from etl.mapping import fields as mapping_fields
-from etl.mapping import parse as mapping
+from etl.mapping import keys as mapping_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -64,11 +63,11 @@ def test_every_exit_code_is_documented() -> None:
         assert re.search(rf"^\| {code} \|", REFERENCE, re.MULTILINE), f"exit code {code}"
 
 
-KEYS = (
-    [*mapping._TOP_KEYS]
-    + [f"source.{k}" for k in mapping_fields._SOURCE_KEYS]
-    + list(mapping_fields._FIELD_KEYS)
-)
+KEYS = [
+    *mapping_keys.MAPPING.names,
+    *(f"source.{k}" for k in mapping_keys.SOURCE.names),
+    *mapping_keys.FIELD.names,
+]
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -118,3 +117,9 @@ def test_shell_completion_is_documented() -> None:
     """The reference shows the click completion line for bash, zsh and fish."""
     for shell in ("bash", "zsh", "fish"):
         assert f"_ETL_COMPLETE={shell}_source etl" in REFERENCE
+
+
+def test_the_editor_schema_comment_is_documented() -> None:
+    """docs/mappings.md shows how to write the schema and the yaml-language-server line."""
+    assert "etl schema mapping --output" in MAPPINGS
+    assert "# yaml-language-server: $schema=mapping.schema.json" in MAPPINGS

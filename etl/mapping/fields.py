@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from etl.mapping.keys import FIELD, MAPPING, SOURCE, KeySet
 from etl.model import (
     REQUIRED_TRAITS,
     TRAIT_TYPES,
@@ -31,17 +32,8 @@ from etl.model import (
 _T = TypeVar("_T")
 
 # The keys every mapping needs, each with the fix when it is missing.
-REQUIRED = {
-    "event_type": "add event_type: user_identify or event_type: account_identify",
-    "source": 'add source: {table: NAME} or source: {query: "SELECT ..."}',
-    "key": "add key: COLUMN (or a list of columns) that identifies one record",
-    "user_id": "add user_id: COLUMN holding the user id (account streams: the owner's)",
-    "account_id": "add account_id: COLUMN holding the account id",
-    "traits": "add traits: mapping trait names to columns",
-}
-_SOURCE_KEYS = ("table", "schema", "where", "query")
+REQUIRED = MAPPING.required
 _FIELD_KINDS: tuple[FieldKind, ...] = ("column", "sql", "const")
-_FIELD_KEYS = (*_FIELD_KINDS, "type", "default", "omit_null", "encoding")
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -102,13 +94,17 @@ def suggest(name: str, known: Sequence[str], what: str) -> str:
     return f"did you mean {close[0]!r}?" if close else f"{what}: {', '.join(known)}"
 
 
-def check_keys(data: dict[Any, Any], allowed: Sequence[str], at: str, problems: Problems) -> None:
-    """Report every key of `data` (the mapping at dotted key `at`) that is not allowed."""
+def check_keys(data: dict[Any, Any], allowed: KeySet, at: str, problems: Problems) -> None:
+    """Report every key of `data` (the mapping at dotted key `at`) that `allowed` lacks.
+
+    Key sets are declared in etl.mapping.keys, which the JSON Schema is built from.
+    """
     for key in data:
         if key not in allowed:
             name = str(key)
             dotted = f"{at}.{name}" if at else name
-            problems.add(dotted, f"unknown key {name!r}", suggest(name, allowed, "allowed keys"))
+            fix = suggest(name, allowed.names, "allowed keys")
+            problems.add(dotted, f"unknown key {name!r}", fix)
 
 
 def _text(value: object, key: str, problems: Problems, what: str) -> str | None:
@@ -200,7 +196,7 @@ def valid_field(spec: object, name: str, key: str, problems: Problems) -> Field 
         )
         return None
     before = len(problems.items)
-    check_keys(spec, _FIELD_KEYS, key, problems)
+    check_keys(spec, FIELD, key, problems)
     kinds = [kind for kind in _FIELD_KINDS if kind in spec]
     if not kinds:
         problems.add(key, "has none of column, sql, const", "add exactly one of them")
@@ -268,7 +264,7 @@ def valid_source(value: object, problems: Problems) -> Source | None:
         problems.add("source", f"must be a mapping, got {describe(value)}", REQUIRED["source"])
         return None
     before = len(problems.items)
-    check_keys(value, _SOURCE_KEYS, "source", problems)
+    check_keys(value, SOURCE, "source", problems)
     if "table" in value and "query" in value:
         problems.add("source", "has both 'table' and 'query'", "keep exactly one of table, query")
     elif "table" not in value and "query" not in value:

@@ -37,6 +37,7 @@ from etl.mapping.fields import (
     valid_timezone,
     valid_traits,
 )
+from etl.mapping.keys import MAPPING
 from etl.mapping.yaml12 import DuplicateKey, MappingLoader
 from etl.model import EVENT_TYPES, EventType, Mapping
 
@@ -44,7 +45,6 @@ from etl.model import EVENT_TYPES, EventType, Mapping
 
 DEFAULT_LOOKBACK_SECONDS = 600.0
 
-_TOP_KEYS = (*REQUIRED, "stream", "cursor", "lookback", "timezone", "anonymous_id", "url")
 _EVENT_TYPES: dict[str, EventType] = {name: name for name in EVENT_TYPES}
 
 
@@ -64,7 +64,7 @@ def mapping_fingerprint(mapping: Mapping) -> str:
 
 def _build(data: dict[Any, Any], problems: Problems) -> Mapping | None:
     """A file's top-level mapping -> Mapping, or None when `problems` got any."""
-    check_keys(data, _TOP_KEYS, "", problems)
+    check_keys(data, MAPPING, "", problems)
     for name, fix in REQUIRED.items():
         if name not in data:
             problems.add(name, "is missing", fix)

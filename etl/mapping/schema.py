@@ -1,0 +1,73 @@
+"""The mapping format as a JSON Schema (draft 2020-12), for editors (SPEC §11).
+
+Built from the key sets in etl.mapping.keys, which the validator reads too, so
+a key the validator accepts is in the schema and a key it refuses is not. The
+schema checks shape (keys, types, enums, exactly one of column/sql/const);
+only `etl validate` checks what needs the database or the file name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from etl.mapping.keys import MAPPING, KeySet, Schema
+from etl.model import REQUIRED_TRAITS
+
+SCHEMA_ID = "https://hyperengage.io/etl/mapping.schema.json"
+
+
+def mapping_schema() -> dict[str, Any]:
+    """The JSON Schema of one mapping file."""
+    definitions: dict[str, Any] = {}
+    root = _object(MAPPING, definitions)
+    # SPEC §2: traits the API requires per event type; the validator checks the same table.
+    root["allOf"] = [
+        {
+            "if": {"properties": {"event_type": {"const": event_type}}, "required": ["event_type"]},
+            "then": {"properties": {"traits": {"required": list(required)}}},
+        }
+        for event_type, required in REQUIRED_TRAITS.items()
+    ]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "etl mapping file",
+        **root,
+        "$defs": dict(sorted(definitions.items())),
+    }
+
+
+def _object(key_set: KeySet, definitions: dict[str, Any]) -> dict[str, Any]:
+    """A key set as a closed JSON Schema object."""
+    schema: dict[str, Any] = {
+        "description": key_set.doc,
+        "type": "object",
+        "properties": {
+            key.name: {**_resolve(key.value, definitions), "description": key.doc}
+            for key in key_set.keys
+        },
+        "additionalProperties": False,
+    }
+    if key_set.required:
+        schema["required"] = list(key_set.required)
+    if key_set.rules:
+        schema.update(_resolve(key_set.rules, definitions))
+    return schema
+
+
+def _resolve(value: Schema | KeySet, definitions: dict[str, Any]) -> dict[str, Any]:
+    """A schema fragment with every KeySet in it replaced by a $ref to its definition."""
+    if isinstance(value, KeySet):
+        if value.name not in definitions:
+            definitions[value.name] = {}  # placeholder: a key set may refer to itself
+            definitions[value.name] = _object(value, definitions)
+        return {"$ref": f"#/$defs/{value.name}"}
+    return {name: _resolve_any(item, definitions) for name, item in value.items()}
+
+
+def _resolve_any(item: Any, definitions: dict[str, Any]) -> Any:
+    if isinstance(item, KeySet | dict):
+        return _resolve(item, definitions)
+    if isinstance(item, list):
+        return [_resolve_any(element, definitions) for element in item]
+    return item
