@@ -4,7 +4,7 @@ Orchestrators (Airflow, Dagster, Prefect) call these directly, as
 `etl.sync(...)` etc.; the CLI is a thin shell over them. Keyword-only arguments
 mirror the CLI options. Left out, the token, the API and workspace keys and the
 endpoint are read from the CLI's environment variables (HYPERENGAGE_TOKEN, ...);
-everything else takes the CLI's default, not ETL_*. `sync`/`backfill` return
+everything else defaults to `etl.settings` (as the CLI does), not to ETL_*. `sync`/`backfill` return
 the RunReport (status "ok", or "partial" where the CLI exits 3), `diff` also the
 DiffReport; every failure raises an `etl.errors.EtlError`. Monitoring
 (`--metrics-file`, `--notify-url`) and logging set-up are the CLI's; an
@@ -31,35 +31,34 @@ from etl.mapping.parse import load_mappings
 from etl.model import DeliveryConfig, DiffReport, Mapping, RunReport, Secret, Shard
 from etl.run.options import Collaborators, Progress, RunOptions
 from etl.run.pipeline import run
+from etl.settings import DELIVERY, JOB, MIN_BATCH_BYTES, READ
 from etl.source import check, extract
 from etl.source import drivers as sourcedb
-from etl.source.extract import DEFAULT_PAGE_SIZE
 from etl.state.store import StateStore
 
-DEFAULT_ENDPOINT = "https://events.hyperengage.io/api/v1/s2s/event"
-DEFAULT_STATE_URL = "sqlite:///etl-state.db"
-DEFAULT_MAPPINGS = "mappings"
+# A duration as the API takes it: "30s", "10m", "2h", "1d", seconds, or a timedelta.
+Duration = str | float | dt.timedelta
 
 
 def sync(
     *,
     source_url: str,
-    state_url: str = DEFAULT_STATE_URL,
-    mappings_dir: str | Path = DEFAULT_MAPPINGS,
+    state_url: str = JOB.state_url,
+    mappings_dir: str | Path = JOB.mappings_dir,
     streams: Sequence[str] | None = None,
     full: bool = False,
-    page_size: int = DEFAULT_PAGE_SIZE,
+    page_size: int = READ.page_size,
     shard: str | Shard | None = None,
-    max_transaction_age: str | float = "1h",
+    max_transaction_age: Duration = READ.max_transaction_age,
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
     api_key: str | None = None,
     workspace_key: str | None = None,
-    batch_size: int = 500,
-    batch_bytes: int = 450_000,
-    concurrency: int = 2,
-    max_rps: float | None = None,
+    batch_size: int = DELIVERY.batch_size,
+    batch_bytes: int = DELIVERY.batch_bytes,
+    concurrency: int = DELIVERY.concurrency,
+    max_rps: float | None = DELIVERY.max_rps,
     stop: threading.Event | None = None,
 ) -> RunReport:
     """Incremental sync of every stream (accounts first); `full` re-reads all rows."""
@@ -95,23 +94,23 @@ def sync(
 def backfill(
     *,
     source_url: str,
-    state_url: str = DEFAULT_STATE_URL,
-    mappings_dir: str | Path = DEFAULT_MAPPINGS,
+    state_url: str = JOB.state_url,
+    mappings_dir: str | Path = JOB.mappings_dir,
     streams: Sequence[str] | None = None,
     force: bool = False,
     restart: bool = False,
-    page_size: int = DEFAULT_PAGE_SIZE,
+    page_size: int = READ.page_size,
     shard: str | Shard | None = None,
-    max_transaction_age: str | float = "1h",
+    max_transaction_age: Duration = READ.max_transaction_age,
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
     api_key: str | None = None,
     workspace_key: str | None = None,
-    batch_size: int = 500,
-    batch_bytes: int = 450_000,
-    concurrency: int = 2,
-    max_rps: float | None = None,
+    batch_size: int = DELIVERY.batch_size,
+    batch_bytes: int = DELIVERY.batch_bytes,
+    concurrency: int = DELIVERY.concurrency,
+    max_rps: float | None = DELIVERY.max_rps,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> RunReport:
@@ -151,14 +150,14 @@ def backfill(
 def diff(
     *,
     source_url: str,
-    state_url: str = DEFAULT_STATE_URL,
-    mappings_dir: str | Path = DEFAULT_MAPPINGS,
+    state_url: str = JOB.state_url,
+    mappings_dir: str | Path = JOB.mappings_dir,
     streams: Sequence[str] | None = None,
     full: bool = False,
     limit: int | None = None,
-    page_size: int = DEFAULT_PAGE_SIZE,
+    page_size: int = READ.page_size,
     shard: str | Shard | None = None,
-    max_transaction_age: str | float = "1h",
+    max_transaction_age: Duration = READ.max_transaction_age,
     api_key: str | None = None,
     workspace_key: str | None = None,
 ) -> tuple[RunReport, DiffReport]:
@@ -188,7 +187,7 @@ def diff(
 
 def validate(
     *,
-    mappings_dir: str | Path = DEFAULT_MAPPINGS,
+    mappings_dir: str | Path = JOB.mappings_dir,
     source_url: str | None = None,
     streams: Sequence[str] | None = None,
 ) -> list[str]:
@@ -237,8 +236,11 @@ def _send(
     return report
 
 
-def parse_age(value: str | float) -> dt.timedelta:
-    """`--max-transaction-age`: 30s, 10m, 2h, 1d or seconds -> timedelta (UsageError if not)."""
+def parse_age(value: Duration) -> dt.timedelta:
+    """`--max-transaction-age`: 30s, 10m, 2h, 1d, seconds or a timedelta -> timedelta
+    (UsageError if not)."""
+    if isinstance(value, dt.timedelta):
+        return value
     try:
         return dt.timedelta(seconds=parse_lookback(value))
     except ValueError as exc:
@@ -264,14 +266,14 @@ def delivery_config(
     token_file: str | Path | None,
     api_key: str | None,
     workspace_key: str | None,
-    batch_size: int = 500,
-    batch_bytes: int = 450_000,
-    concurrency: int = 2,
-    max_rps: float | None = None,
+    batch_size: int = DELIVERY.batch_size,
+    batch_bytes: int = DELIVERY.batch_bytes,
+    concurrency: int = DELIVERY.concurrency,
+    max_rps: float | None = DELIVERY.max_rps,
 ) -> DeliveryConfig:
     """Everything needed to send, checked before anything is read (exit 2 if not)."""
     secret = delivery_token(token, token_file)
-    endpoint = _env(endpoint, "HYPERENGAGE_ENDPOINT") or DEFAULT_ENDPOINT
+    endpoint = _env(endpoint, "HYPERENGAGE_ENDPOINT") or DELIVERY.endpoint
     load.check_endpoint(endpoint)
     api_key = _env(api_key, "HYPERENGAGE_API_KEY")
     workspace_key = _env(workspace_key, "HYPERENGAGE_WORKSPACE_KEY")
@@ -287,9 +289,10 @@ def delivery_config(
         raise UsageError(
             f"{' and '.join(missing)} not set — export them (Hyperengage → Settings → API keys)"
         )
-    if batch_size < 1 or batch_bytes < 1024 or concurrency < 1:
+    if batch_size < 1 or batch_bytes < MIN_BATCH_BYTES or concurrency < 1:
         raise UsageError(
-            "--batch-size and --concurrency must be at least 1, --batch-bytes at least 1024"
+            "--batch-size and --concurrency must be at least 1, "
+            f"--batch-bytes at least {MIN_BATCH_BYTES}"
         )
     return DeliveryConfig(
         endpoint=endpoint,
@@ -388,7 +391,6 @@ def _state(url: str, *, readonly: bool) -> Iterator[StateStore]:
 
 
 __all__ = [
-    "DEFAULT_PAGE_SIZE",
     "backfill",
     "delivery_config",
     "diff",

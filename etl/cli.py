@@ -10,6 +10,7 @@ from __future__ import annotations
 
 # Longer than STYLE's split point on purpose: it must stay the only click module.
 import functools
+import inspect
 import signal
 import sys
 import threading
@@ -34,6 +35,15 @@ from etl.errors import (
 from etl.model import RunReport
 from etl.monitor import metrics, notify, outcome
 from etl.report import render as report
+from etl.settings import (
+    DELIVERY,
+    JOB,
+    MAX_BATCH_SIZE,
+    MAX_CONCURRENCY,
+    MIN_BATCH_BYTES,
+    READ,
+    duration_text,
+)
 from etl.state.store import StateStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
@@ -65,7 +75,18 @@ _log_format = click.option(
     "--log-format",
     envvar="ETL_LOG_FORMAT",
     type=click.Choice(["console", "json"]),
+    default=JOB.log_format,
     help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
+)
+
+_state = click.option(
+    "--state",
+    "state_url",
+    envvar="ETL_STATE_URL",
+    default=JOB.state_url,
+    show_default=True,
+    metavar="URL",
+    help="State store: a SQLite file or PostgreSQL. [env ETL_STATE_URL]",
 )
 
 # Options every data command takes.
@@ -78,20 +99,12 @@ _common = _options(
         help="Source database (SQLAlchemy URL), e.g. postgresql+psycopg://app@db/app. "
         "[env ETL_SOURCE_URL]",
     ),
-    click.option(
-        "--state",
-        "state_url",
-        envvar="ETL_STATE_URL",
-        default=api.DEFAULT_STATE_URL,
-        show_default=True,
-        metavar="URL",
-        help="State store: a SQLite file or PostgreSQL. [env ETL_STATE_URL]",
-    ),
+    _state,
     click.option(
         "--mappings",
         "mappings_dir",
         envvar="ETL_MAPPINGS",
-        default=api.DEFAULT_MAPPINGS,
+        default=JOB.mappings_dir,
         show_default=True,
         metavar="DIR",
         type=click.Path(path_type=Path),
@@ -113,7 +126,7 @@ _reading = _options(
     click.option(
         "--page-size",
         envvar="ETL_PAGE_SIZE",
-        default=api.DEFAULT_PAGE_SIZE,
+        default=READ.page_size,
         show_default=True,
         type=click.IntRange(1, 1_000_000),
         help="Rows per keyset page read from the source. [env ETL_PAGE_SIZE]",
@@ -128,7 +141,7 @@ _reading = _options(
     click.option(
         "--max-transaction-age",
         envvar="ETL_MAX_TRANSACTION_AGE",
-        default="1h",
+        default=duration_text(READ.max_transaction_age),
         show_default=True,
         metavar="DURATION",
         help="A source transaction open longer than this (30s, 10m, 2h, 1d) no longer "
@@ -142,7 +155,7 @@ _sending = _options(
     click.option(
         "--endpoint",
         envvar="HYPERENGAGE_ENDPOINT",
-        default=api.DEFAULT_ENDPOINT,
+        default=DELIVERY.endpoint,
         show_default=True,
         metavar="URL",
         help="Hyperengage events endpoint (HTTPS, or http to loopback). [env HYPERENGAGE_ENDPOINT]",
@@ -156,30 +169,31 @@ _sending = _options(
     click.option(
         "--batch-size",
         envvar="ETL_BATCH_SIZE",
-        default=500,
+        default=DELIVERY.batch_size,
         show_default=True,
-        type=click.IntRange(1, 10_000),
+        type=click.IntRange(1, MAX_BATCH_SIZE),
         help="Events per request at most. [env ETL_BATCH_SIZE]",
     ),
     click.option(
         "--batch-bytes",
         envvar="ETL_BATCH_BYTES",
-        default=450_000,
+        default=DELIVERY.batch_bytes,
         show_default=True,
-        type=click.IntRange(1024),
+        type=click.IntRange(MIN_BATCH_BYTES),
         help="Bytes per request at most. [env ETL_BATCH_BYTES]",
     ),
     click.option(
         "--concurrency",
         envvar="ETL_CONCURRENCY",
-        default=2,
+        default=DELIVERY.concurrency,
         show_default=True,
-        type=click.IntRange(1, 32),
+        type=click.IntRange(1, MAX_CONCURRENCY),
         help="Requests in flight. [env ETL_CONCURRENCY]",
     ),
     click.option(
         "--max-rps",
         envvar="ETL_MAX_RPS",
+        default=DELIVERY.max_rps,
         type=click.FloatRange(min=0.1),
         help="Requests per second at most (default: unlimited). [env ETL_MAX_RPS]",
     ),
@@ -260,18 +274,7 @@ def _finish(run: RunReport) -> None:
 
 
 # Options of the commands that read the state store only (state show/reset, runs).
-_state_store = _options(
-    click.option(
-        "--state",
-        "state_url",
-        envvar="ETL_STATE_URL",
-        default=api.DEFAULT_STATE_URL,
-        show_default=True,
-        metavar="URL",
-        help="State store. [env ETL_STATE_URL]",
-    ),
-    _log_format,
-)
+_state_store = _options(_state, _log_format)
 _table_format = click.option(
     "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
@@ -343,10 +346,10 @@ def validate(
 def sync(dry_run: bool, **kw: Any) -> None:
     """Send what changed since the last run, account streams before user streams."""
     if dry_run:
-        _diff(full=kw["full"], fmt="text", output=None, limit=None, redact=False, **_only_read(kw))
+        _diff(fmt="text", output=None, limit=None, redact=False, **kw)
         return
     with _stop_on_signals() as stop:
-        run = _monitored("sync", kw, lambda: api.sync(**_api_args(kw), full=kw["full"], stop=stop))
+        run = _monitored("sync", kw, lambda: api.sync(**_library_args(api.sync, kw), stop=stop))
     _finish(run)
 
 
@@ -358,7 +361,7 @@ def sync(dry_run: bool, **kw: Any) -> None:
 @click.option("--force", is_flag=True, help="Send records even when unchanged since last sent.")
 @click.option("--restart", is_flag=True, help="Ignore the saved checkpoint and start over.")
 @_handled
-def backfill(force: bool, restart: bool, **kw: Any) -> None:
+def backfill(**kw: Any) -> None:
     """Full historical load of every stream, resumable after a crash or Ctrl-C.
 
     Rows with a NULL cursor are included. When it finishes, the nightly `sync`
@@ -368,9 +371,7 @@ def backfill(force: bool, restart: bool, **kw: Any) -> None:
         run = _monitored(
             "backfill",
             kw,
-            lambda: api.backfill(
-                **_api_args(kw), force=force, restart=restart, stop=stop, progress=progress
-            ),
+            lambda: api.backfill(**_library_args(api.backfill, kw), stop=stop, progress=progress),
         )
     _finish(run)
 
@@ -391,17 +392,13 @@ def backfill(force: bool, restart: bool, **kw: Any) -> None:
 @click.option("--limit", type=click.IntRange(0), help="At most N records listed per stream.")
 @click.option("--redact", is_flag=True, help="Mask trait values (emails, names) for sharing.")
 @_handled
-def diff(
-    full: bool, fmt: str, output: Path | None, limit: int | None, redact: bool, **kw: Any
-) -> None:
+def diff(fmt: str, output: Path | None, redact: bool, **kw: Any) -> None:
     """Dry run: what `sync` would send, field by field. Sends and writes nothing."""
-    _diff(full=full, fmt=fmt, output=output, limit=limit, redact=redact, **_only_read(kw))
+    _diff(fmt=fmt, output=output, redact=redact, **kw)
 
 
-def _diff(
-    *, full: bool, fmt: str, output: Path | None, limit: int | None, redact: bool, **kw: Any
-) -> None:
-    run, result = api.diff(**kw, full=full, limit=limit)
+def _diff(*, fmt: str, output: Path | None, redact: bool, **kw: Any) -> None:
+    run, result = api.diff(**_library_args(api.diff, kw))
     color = fmt == "text" and output is None and sys.stdout.isatty()
     text = report.render_diff(result, format=fmt, color=color, redact=redact)
     if output is not None:
@@ -618,34 +615,12 @@ def _publish(
         notify.send_notification(notify_url, result)
 
 
-def _api_args(kw: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "source_url": kw["source_url"],
-        "state_url": kw["state_url"],
-        "mappings_dir": kw["mappings_dir"],
-        "streams": kw["streams"] or None,
-        "page_size": kw["page_size"],
-        "shard": kw["shard"],
-        "max_transaction_age": kw["max_transaction_age"],
-        "endpoint": kw["endpoint"],
-        "token_file": kw["token_file"],
-        "batch_size": kw["batch_size"],
-        "batch_bytes": kw["batch_bytes"],
-        "concurrency": kw["concurrency"],
-        "max_rps": kw["max_rps"],
-    }
-
-
-def _only_read(kw: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "source_url": kw["source_url"],
-        "state_url": kw["state_url"],
-        "mappings_dir": kw["mappings_dir"],
-        "streams": kw["streams"] or None,
-        "page_size": kw["page_size"],
-        "shard": kw["shard"],
-        "max_transaction_age": kw["max_transaction_age"],
-    }
+def _library_args(function: Callable[..., Any], kw: dict[str, Any]) -> dict[str, Any]:
+    """The parsed options `function` takes: each option is named after the library
+    API's keyword argument, so the CLI passes them on by name (`sync --dry-run`
+    hands `diff` its reading options and drops the sending ones)."""
+    takes = inspect.signature(function).parameters
+    return {name: value for name, value in kw.items() if name in takes}
 
 
 @contextmanager

@@ -12,11 +12,11 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO
 
 import structlog
 
-LogFormat = Literal["console", "json"]
+from etl.settings import LogFormat
 
 # `token=...` in a URL or a message, however it got there.
 _TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s'\"]+", re.IGNORECASE)

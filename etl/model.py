@@ -12,6 +12,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from etl.settings import DELIVERY, READ
+
 EventType = Literal["user_identify", "account_identify"]
 TraitType = Literal["text", "number", "integer", "boolean", "datetime", "date", "string_array"]
 FieldKind = Literal["column", "sql", "const"]
@@ -130,7 +132,7 @@ class Mapping:
     traits: tuple[Field, ...]
     anonymous_id: Field | None = None
     url: Field | None = None
-    lookback_seconds: float = 600.0
+    lookback_seconds: float = READ.lookback_seconds
     timezone: str = "UTC"
     # sha256 over the normalised definition: a change forces a full diff (SPEC §5).
     fingerprint: str = ""
@@ -233,13 +235,14 @@ class DeliveryConfig:
     token: Secret
     api_key: str = ""
     workspace_key: str = ""
-    batch_size: int = 500
-    batch_bytes: int = 450_000
-    concurrency: int = 2
-    max_rps: float | None = None
-    timeout_seconds: float = 30.0
-    max_attempts: int = 8
-    max_retry_seconds: float = 300.0
+    batch_size: int = DELIVERY.batch_size
+    batch_bytes: int = DELIVERY.batch_bytes
+    concurrency: int = DELIVERY.concurrency
+    max_rps: float | None = DELIVERY.max_rps
+    timeout_seconds: float = DELIVERY.timeout_seconds
+    connect_timeout_seconds: float = DELIVERY.connect_timeout_seconds
+    max_attempts: int = DELIVERY.max_attempts
+    max_retry_seconds: float = DELIVERY.max_retry_seconds
 
 
 @dataclass(frozen=True)

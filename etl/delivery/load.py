@@ -30,11 +30,10 @@ import structlog
 from etl import __version__
 from etl.errors import FatalApiError, RetriableApiError, UsageError
 from etl.model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing
+from etl.settings import DELIVERY
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ENDPOINT = "https://events.hyperengage.io/api/v1/s2s/event"
-CONNECT_TIMEOUT = 10.0
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 MESSAGE_LIMIT = 300  # characters of a server message kept in errors and rejects
@@ -66,7 +65,7 @@ def check_endpoint(url: str) -> None:
     except httpx.InvalidURL as exc:
         raise UsageError(f"{where} {url!r} is not a valid URL ({exc}) — fix it") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise UsageError(f"{where} {url!r} is not an https:// URL — use e.g. {DEFAULT_ENDPOINT}")
+        raise UsageError(f"{where} {url!r} is not an https:// URL — use e.g. {DELIVERY.endpoint}")
     if parsed.scheme == "http" and not _is_loopback(parsed.host):
         raise UsageError(
             f"{where} {url!r} would send the token in clear text to {parsed.host}"
@@ -81,7 +80,7 @@ def make_client(
     pool as wide as `concurrency`. `transport` lets tests answer in-process."""
     width = max(1, config.concurrency)
     return httpx.Client(
-        timeout=httpx.Timeout(config.timeout_seconds, connect=CONNECT_TIMEOUT),
+        timeout=httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds),
         # A 301/302 turns a POST into a GET: a redirect is an error, never a detour.
         follow_redirects=False,
         headers={"content-type": "application/json", "user-agent": f"etl/{__version__}"},

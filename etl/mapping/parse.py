@@ -40,10 +40,10 @@ from etl.mapping.fields import (
 from etl.mapping.keys import MAPPING
 from etl.mapping.yaml12 import DuplicateKey, MappingLoader
 from etl.model import EVENT_TYPES, EventType, Mapping
+from etl.settings import READ
 
 # The public API, with the names that moved to etl.mapping.yaml12 and etl.mapping.fields.
 
-DEFAULT_LOOKBACK_SECONDS = 600.0
 
 _EVENT_TYPES: dict[str, EventType] = {name: name for name in EVENT_TYPES}
 
@@ -76,7 +76,7 @@ def _build(data: dict[Any, Any], problems: Problems) -> Mapping | None:
     key = valid_key(data["key"], problems) if "key" in data else None
     # No cursor (or null): every sync reads all rows and diffs them.
     cursor = optional_text(data, "cursor", "cursor", problems, "a column name")
-    lookback = valid_lookback(data.get("lookback", DEFAULT_LOOKBACK_SECONDS), problems)
+    lookback = valid_lookback(data.get("lookback", READ.lookback_seconds), problems)
     timezone = valid_timezone(data.get("timezone", "UTC"), problems)
     # user_id/account_id must not be null (valid_field reports it); the others may.
     ids = {

@@ -17,7 +17,7 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from etl.model import DeliveryConfig, Shard
-from etl.source import extract
+from etl.settings import READ
 from etl.state.store import StateStore
 
 Mode = Literal["incremental", "full", "backfill"]
@@ -32,10 +32,10 @@ class RunOptions:
     dry_run: bool = False
     force: bool = False  # backfill: send records even when unchanged
     restart: bool = False  # backfill: ignore the checkpoint
-    page_size: int = extract.DEFAULT_PAGE_SIZE
+    page_size: int = READ.page_size
     diff_limit: int | None = None  # dry run: records listed per stream
     shard: Shard | None = None  # this worker's share of every stream
-    max_transaction_age: dt.timedelta = dt.timedelta(hours=1)
+    max_transaction_age: dt.timedelta = READ.max_transaction_age
 
 
 @dataclass

@@ -25,9 +25,9 @@ from sqlalchemy.engine import Connection
 
 from etl.errors import QueryError
 from etl.model import Mapping
+from etl.settings import READ
 
 Order = Literal["cursor", "key"]
-DEFAULT_PAGE_SIZE = 5000
 
 
 # ---------------------------------------------------------------- the engine
@@ -102,7 +102,7 @@ def build_query(
     order: Order,
     lower: Any = None,
     after: Sequence[Any] | None = None,
-    limit: int | None = DEFAULT_PAGE_SIZE,
+    limit: int | None = READ.page_size,
     null_keys: bool = False,
 ) -> sa.Select[Any]:
     """One keyset page: rows past `after`, ordered by (cursor, key) or by key.
@@ -163,7 +163,7 @@ def read_pages(
     order: Order,
     lower: Any = None,
     after: Sequence[Any] | None = None,
-    page_size: int = DEFAULT_PAGE_SIZE,
+    page_size: int = READ.page_size,
 ) -> Iterator[list[tuple[Any, ...]]]:
     """Stream the stream's rows page by page (never OFFSET, never all at once);
     rows with a NULL key (invalid records) come last, streamed by the driver."""

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from etl.errors import SourceError
 from etl.model import Mapping, Watermark
+from etl.settings import READ
 from etl.source.extract import execute
 
 UTC = dt.UTC
@@ -51,7 +52,7 @@ def safe_horizon(
     mapping: Mapping,
     src: sa.FromClause,
     *,
-    max_transaction_age: dt.timedelta = dt.timedelta(hours=1),
+    max_transaction_age: dt.timedelta = READ.max_transaction_age,
 ) -> Horizon:
     """The watermark this run may advance to, taken inside the read snapshot.
 
