@@ -87,6 +87,13 @@ def test_docs_options_table_shows_the_settings_default(option: str) -> None:
     assert rows[option] == str(SETTINGS_DEFAULTS[option])
 
 
+def test_docs_give_the_retry_budget_from_settings() -> None:
+    """The delivery section states the attempts and the time budget that settings holds."""
+    page = " ".join((ROOT / "docs" / "reference.md").read_text(encoding="utf-8").split())
+    minutes = DELIVERY.max_retry_seconds / 60
+    assert f"bounded by {DELIVERY.max_attempts} attempts and {minutes:g} minutes" in page
+
+
 @pytest.mark.parametrize("name", ["sync", "backfill", "diff"])
 def test_library_api_defaults_are_the_cli_defaults(name: str) -> None:
     """Each keyword the library API shares with the CLI defaults to the same settings value."""
