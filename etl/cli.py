@@ -9,6 +9,7 @@ one place (SPEC §3).
 from __future__ import annotations
 
 # Longer than STYLE's split point on purpose: it must stay the only click module.
+import dataclasses
 import functools
 import inspect
 import signal
@@ -444,7 +445,10 @@ def state_show(state_url: str, fmt: str) -> None:
     if rejects:
         click.echo("\nrejected records (retried by the next sync):")
         click.echo(
-            report.render_table(rejects, ["stream", "key", "attempts", "last_seen", "message"])
+            report.render_table(
+                [dataclasses.asdict(r) for r in rejects],
+                ["stream", "key", "attempts", "last_seen", "message"],
+            )
         )
 
 

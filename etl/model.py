@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from etl.settings import DELIVERY, READ
 
@@ -20,6 +20,8 @@ FieldKind = Literal["column", "sql", "const"]
 ChangeKind = Literal["new", "changed", "unchanged", "invalid"]
 # A stream's watermark: a timestamp cursor's horizon, or an integer cursor's largest value.
 Watermark = dt.datetime | int
+# What the sender of an `Outgoing` event wants back with its acknowledgement.
+Ref = TypeVar("Ref")
 
 EVENT_TYPES: tuple[EventType, ...] = ("account_identify", "user_identify")
 TRAIT_TYPES: tuple[TraitType, ...] = (
@@ -197,23 +199,23 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
-class Outgoing:
+class Outgoing(Generic[Ref]):
     """One serialized event ready to send. `ref` is opaque to the loader and
-    handed back in `BatchResult`, so the pipeline knows what was acknowledged."""
+    handed back in `BatchResult`, so the sender knows what was acknowledged."""
 
     key: str
     event_id: str
     body: bytes
-    ref: Any = None
+    ref: Ref
 
 
 @dataclass(frozen=True)
-class BatchResult:
+class BatchResult(Generic[Ref]):
     """The outcome of one batch: the events the API acknowledged and the ones it
     refused (each with the server's message, after bisection isolated it)."""
 
-    acked: tuple[Outgoing, ...]
-    rejected: tuple[tuple[Outgoing, str], ...] = ()
+    acked: tuple[Outgoing[Ref], ...]
+    rejected: tuple[tuple[Outgoing[Ref], str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1504,8 +1504,8 @@ def test_a_400_for_one_record_rejects_it_alone_and_delivers_the_rest(scene: Scen
     assert result.exit_code == 3
     assert delivered == {user_id(i) for i in range(6)} - {user_id(3)}
     rejected = state_of(scene.env["ETL_STATE_URL"])["rejected"]
-    assert [(r["key"], r["attempts"]) for r in rejected] == [(user_id(3), 1)]
-    assert "HTTP 400" in rejected[0]["message"]
+    assert [(r.key, r.attempts) for r in rejected] == [(user_id(3), 1)]
+    assert "HTTP 400" in rejected[0].message
     shown = scene.run("state", "show")
     assert user_id(3) in shown.stdout
     assert "rejected records (retried by the next sync)" in shown.stdout

@@ -158,7 +158,8 @@ def test_batches_respect_both_caps_keep_order_and_lose_nothing(
 ) -> None:
     """Any sizes give greedy batches within both caps (or a lone oversize event), losing nothing."""
     items = [
-        Outgoing(key=str(n), event_id=str(n), body=b"x" * size) for n, size in enumerate(sizes)
+        Outgoing(key=str(n), event_id=str(n), body=b"x" * size, ref=n)
+        for n, size in enumerate(sizes)
     ]
     cut = list(batches(items, max_events=max_events, max_bytes=max_bytes))
 
@@ -899,7 +900,7 @@ def test_a_batch_keeps_its_slot_until_the_caller_has_recorded_it() -> None:
             open_batches -= 1
 
     with ThreadPoolExecutor(1) as writer:
-        items = [Outgoing(key=str(i), event_id=str(i), body=b"{}") for i in range(40)]
+        items = [Outgoing(key=str(i), event_id=str(i), body=b"{}", ref=i) for i in range(40)]
         run_deliver(
             handler,
             iter(items),
@@ -923,6 +924,6 @@ def test_a_failed_recording_stops_delivery() -> None:
         failed.set_exception(OSError("database or disk is full"))
         return failed
 
-    items = [Outgoing(key=str(i), event_id=str(i), body=b"{}") for i in range(10)]
+    items = [Outgoing(key=str(i), event_id=str(i), body=b"{}", ref=i) for i in range(10)]
     with pytest.raises(OSError, match="disk is full"):
         run_deliver(handler, iter(items), on_result=on_result, batch_size=2)

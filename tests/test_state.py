@@ -83,7 +83,8 @@ def test_rejects_are_kept_counted_and_cleared_on_success(store: StateStore) -> N
     store.commit_batch("users", [], [Rejected("k1", ["k1"], "e1", "HTTP 400: bad email")])
     store.commit_batch("users", [], [Rejected("k1", ["k1"], "e1", "HTTP 400: still bad")])
     (row,) = store.rejected("users")
-    assert (row["key"], row["attempts"], row["message"]) == ("k1", 2, "HTTP 400: still bad")
+    assert (row.key, row.key_values, row.attempts) == ("k1", ("k1",), 2)
+    assert row.message == "HTTP 400: still bad"
     assert store.summary()[0]["rejected"] == 1
     store.commit_batch("users", [Sent("k1", "h", b"{}", "e1")])
     assert store.rejected("users") == []

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic
 
 import httpx
 import orjson
@@ -29,7 +29,7 @@ import structlog
 
 from etl import __version__
 from etl.errors import FatalApiError, RetriableApiError, UsageError
-from etl.model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing
+from etl.model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing, Ref
 from etl.settings import DELIVERY
 
 log = structlog.get_logger(__name__)
@@ -93,8 +93,8 @@ def make_client(
 
 
 def batches(
-    outgoing: Iterable[Outgoing], *, max_events: int, max_bytes: int
-) -> Iterator[list[Outgoing]]:
+    outgoing: Iterable[Outgoing[Ref]], *, max_events: int, max_bytes: int
+) -> Iterator[list[Outgoing[Ref]]]:
     """Group events, in order, into request bodies (`[a,b,...]`) of at most
     `max_events` events and `max_bytes` bytes; an event alone larger than
     `max_bytes` travels alone.
@@ -104,7 +104,7 @@ def batches(
     """
     if max_events < 1:
         raise UsageError(f"the batch size must be at least 1, not {max_events} — fix --batch-size")
-    batch: list[Outgoing] = []
+    batch: list[Outgoing[Ref]] = []
     size = 2  # the brackets
     for item in outgoing:
         grown = size + len(item.body) + (1 if batch else 0)  # a comma between events
@@ -121,10 +121,10 @@ def batches(
 
 
 def deliver(
-    outgoing: Iterable[Outgoing],
+    outgoing: Iterable[Outgoing[Ref]],
     *,
     config: DeliveryConfig,
-    on_result: Callable[[BatchResult], Future[Any] | None],
+    on_result: Callable[[BatchResult[Ref]], Future[Any] | None],
     client: httpx.Client,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
@@ -146,7 +146,7 @@ def deliver(
     # Jitter needs spread, not secrecy.
     sender = _Sender(client, config, sleep=sleep, clock=clock, rng=rng or random.Random())  # noqa: S311
     totals = _Totals()
-    window: deque[Future[_Outcome]] = deque()  # submitted, not yet reported, in order
+    window: deque[Future[_Outcome[Ref]]] = deque()  # submitted, not yet reported, in order
     recording: deque[Future[Any]] = deque()  # reported, still being recorded by the caller
     width = max(1, config.concurrency)
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="etl-load") as pool:
@@ -167,9 +167,9 @@ def deliver(
 
 
 def _settle(
-    window: deque[Future[_Outcome]],
+    window: deque[Future[_Outcome[Ref]]],
     recording: deque[Future[Any]],
-    on_result: Callable[[BatchResult], Future[Any] | None],
+    on_result: Callable[[BatchResult[Ref]], Future[Any] | None],
     totals: _Totals,
     *,
     outstanding: int,
@@ -205,10 +205,10 @@ class _Tally:
 
 
 @dataclass(frozen=True)
-class _Outcome:
+class _Outcome(Generic[Ref]):
     """What a worker hands back for one batch."""
 
-    result: BatchResult
+    result: BatchResult[Ref]
     tally: _Tally
 
 
@@ -222,7 +222,7 @@ class _Totals:
     requests: int = 0
     retries: int = 0
 
-    def count(self, outcome: _Outcome) -> None:
+    def count(self, outcome: _Outcome[Any]) -> None:
         self.sent += len(outcome.result.acked)
         self.rejected += len(outcome.result.rejected)
         self.batches += 1
@@ -303,12 +303,12 @@ class _Sender:
         """Make every worker give up before its next attempt."""
         self._stopped.set()
 
-    def send_batch(self, batch: Sequence[Outgoing]) -> _Outcome:
+    def send_batch(self, batch: Sequence[Outgoing[Ref]]) -> _Outcome[Ref]:
         """Deliver one top-level batch (worker thread)."""
         tally = _Tally()
         return _Outcome(self._send(batch, tally), tally)
 
-    def _send(self, items: Sequence[Outgoing], tally: _Tally) -> BatchResult:
+    def _send(self, items: Sequence[Outgoing[Ref]], tally: _Tally) -> BatchResult[Ref]:
         """Deliver `items`, halving them on 413 (too large) and on 400 (refused)
         until the refused events stand alone as rejects."""
         response = self._post(items, tally)
@@ -324,7 +324,7 @@ class _Sender:
         first, second = self._send(items[:half], tally), self._send(items[half:], tally)
         return BatchResult(first.acked + second.acked, first.rejected + second.rejected)
 
-    def _post(self, items: Sequence[Outgoing], tally: _Tally) -> httpx.Response:
+    def _post(self, items: Sequence[Outgoing[Ref]], tally: _Tally) -> httpx.Response:
         """POST `items` until the answer is not transient; RetriableApiError when the
         attempts or the time budget per request run out."""
         body = b"[" + b",".join(item.body for item in items) + b"]"

@@ -1,1 +1,1 @@
-"""One stream's way through a run: transform, diff, the flow of rows to events, the pipeline."""
+"""One stream's way through a run: plan, classify (transform + diff), send, ledger, pipeline."""

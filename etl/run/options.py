@@ -1,7 +1,7 @@
 """What a run is asked to do (`RunOptions`) and the I/O it is given (`Collaborators`).
 
-Shared by `run.pipeline`, which builds them into a run, and `run.flow`, which
-reads them while one stream's rows go through.
+Built by the caller (`api`, a test), read by `run.pipeline` and `run.plan`;
+`Collaborators.state` is anything that fulfils `run.ports.StatePort`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from etl.model import DeliveryConfig, Shard
+from etl.run.ports import StatePort
 from etl.settings import READ
-from etl.state.store import StateStore
 
 Mode = Literal["incremental", "full", "backfill"]
 Progress = Callable[[str, int, int | None], None]
@@ -43,7 +43,7 @@ class Collaborators:
     """The I/O a run needs, built by the caller (the CLI or a test)."""
 
     source: Engine
-    state: StateStore
+    state: StatePort
     delivery: DeliveryConfig
     client: httpx.Client | None = None
     progress: Progress | None = None

@@ -1,10 +1,12 @@
-"""The only place the stages meet: mapping -> extract -> transform -> diff -> load -> state.
+"""The only place the stages meet: mapping -> extract -> classify -> send -> ledger -> state.
 
 `run()` takes a list of mappings and the collaborators (source engine, state
-store, HTTP client) and returns a RunReport; `run_stream()` does one stream.
-The same code path serves `sync`, `backfill` and the dry run (`diff`), so the
-dry run reads and diffs exactly what a sync would, and only skips the sending
-and the writing. What happens to the rows once read is `flow.StreamFlow`.
+store, HTTP client) and returns a RunReport; `run_stream()` does one stream:
+its `plan`, the pages `extract` reads, `classify` (transform and diff), then
+`send` with the `ledger` recording what was acknowledged, or a dry run's
+`collect`. The same code path serves `sync`, `backfill` and the dry run
+(`diff`), so the dry run reads and diffs exactly what a sync would, and only
+skips the sending and the writing.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import contextlib
 import datetime as dt
 import re
 import time
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any, Literal
 
-import orjson
+import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
+from structlog.typing import FilteringBoundLogger
 
 from etl.errors import EtlError, QueryError, SourceError, StoppedError
 from etl.model import (
+    DeliveryStats,
     DiffReport,
     DiffStream,
     Mapping,
@@ -30,14 +33,17 @@ from etl.model import (
     StreamReport,
     Watermark,
 )
-from etl.run.flow import StreamFlow, Tally
-from etl.run.options import Collaborators, RunOptions
+from etl.run.classify import ClassifiedPage, Counts, RetriedRejects, Row, classify
+from etl.run.dryrun import DryRun, collect
+from etl.run.ledger import Ledger
+from etl.run.options import Collaborators, Progress, RunOptions
+from etl.run.plan import StreamPlan, plan_stream, state_name_of
+from etl.run.send import send
 from etl.source import extract
 from etl.source.check import explain_failure
-from etl.source.horizon import lower_bound, safe_horizon
-from etl.state.store import StateStore
+from etl.source.horizon import Horizon, lower_bound, safe_horizon
 
-log = structlog.get_logger("etl")
+log: FilteringBoundLogger = structlog.get_logger("etl")
 
 
 def run(
@@ -109,34 +115,36 @@ def _run_stream(
 ) -> tuple[StreamReport, DiffStream | None]:
     started = time.monotonic()
     bound = log.bind(stream=mapping.stream)
-    # A shard keeps its own watermark and checkpoint; records and rejects are
-    # shared (each key belongs to exactly one shard).
-    state_name = f"{mapping.stream}#{options.shard.label}" if options.shard else mapping.stream
-    previous = io.state.stream(state_name)
-    plan = _plan(mapping, previous, options, bound)
-    full = plan.order == "key" or plan.since is None
-    checkpoint = (
-        previous.checkpoint
-        if options.mode == "backfill" and previous and not options.restart
+    plan = _plan(mapping, options=options, io=io, bound=bound)
+    rejects = io.state.rejected(mapping.stream)  # read once per stream
+    # In cursor order the pending rejects are re-read first, by key; a row also in
+    # the cursor window comes twice, and RetriedRejects keeps the first sighting.
+    retries = (
+        RetriedRejects(r.key for r in rejects if plan.owns(r.key))
+        if plan.order == "cursor"
         else None
     )
-    if checkpoint:
-        bound.info("backfill.resume", after=checkpoint)
-    tally = Tally()
+    counts = Counts()
+    ledger = Ledger(
+        state=io.state,
+        stream=mapping.stream,
+        state_name=plan.state_name,
+        n_keys=len(mapping.key),
+        clear_rejects=bool(rejects),
+        checkpoints=plan.backfill,
+    )
     with (
         io.source.connect() as conn,
-        extract.read_only(conn, snapshot=options.mode != "backfill", timezone=mapping.timezone),
+        extract.read_only(conn, snapshot=not plan.backfill, timezone=mapping.timezone),
     ):
         src = _source_from(conn, mapping)
         horizon = safe_horizon(conn, mapping, src, max_transaction_age=options.max_transaction_age)
-        for note in horizon.notes:
-            # once a run, not once a stream: the cause is the role, not the stream
-            kind = re.sub(r"[0-9]+", "#", note)
-            if kind not in io.noted:
-                io.noted.add(kind)
-                bound.warning("horizon.limited", note=note)
+        _note_limits(horizon, io=io, bound=bound)
         total = extract.estimate_rows(conn, mapping, src) if io.progress else None
-        null_cursor = extract.count_null_cursors(conn, mapping, src) if options.dry_run else None
+        null_cursor = extract.count_null_cursors(conn, mapping, src) if plan.dry_run else None
+        retry_keys = [
+            r.key_values for r in rejects if retries is not None and r.key in retries.keys
+        ]
         # closing(): whatever happens below, the prefetch thread is stopped (and
         # off the connection) before the read-only transaction is rolled back.
         with contextlib.closing(
@@ -146,59 +154,133 @@ def _run_stream(
                 src,
                 plan=plan,
                 now=horizon.clock,
-                after=checkpoint,
-                options=options,
-                state=io.state,
+                retry_keys=retry_keys,
+                page_size=options.page_size,
             )
         ) as pages:
-            flow = StreamFlow(
-                mapping=mapping,
-                options=options,
-                io=io,
-                tally=tally,
-                total=total,
-                state_name=state_name,
+            classified = classify(
+                pages,
+                plan=plan,
+                state=io.state,
+                counts=counts,
+                retries=retries,
+                with_payload=plan.dry_run,
+                stop=io.stop,
             )
-            flow.had_rejects = bool(io.state.rejected(mapping.stream))
-            if plan.order == "cursor":
-                # _pages() re-reads these first; a row also in the cursor window comes twice.
-                flow.retrying = {
-                    r["key"] for r in io.state.rejected(mapping.stream) if flow.owns(r["key"])
-                }
-            if options.dry_run:
-                flow.dry_run(pages, list_gone=options.mode == "full")
-                stats = None
-            else:
-                stats = flow.deliver(pages)
+            if io.progress:
+                classified = _reported(classified, counts, io.progress, mapping.stream, total)
+            dry, stats = _act(classified, plan=plan, ledger=ledger, options=options, io=io)
     if io.stop.is_set():
         raise StoppedError(
             f"stream {mapping.stream}: stopped by a signal after the in-flight batches were "
             "acknowledged; state is consistent — run the same command again to continue"
         )
-    watermark = horizon.value if horizon.value is not None else None
-    if not options.dry_run:
-        flow.settle_rejects(bound)
-        io.state.save_watermark(state_name, watermark, mapping.fingerprint)
+    if not plan.dry_run:
+        settled = retries.settled() if retries is not None else []
+        if settled:
+            io.state.forget_rejects(mapping.stream, settled)
+            bound.info("rejects.settled", count=len(settled))
+        io.state.save_watermark(plan.state_name, horizon.value, mapping.fingerprint)
     report = StreamReport(
         stream=mapping.stream,
         event_type=mapping.event_type,
-        read=tally.read,
-        new=tally.new,
-        changed=tally.changed,
-        unchanged=tally.unchanged,
-        invalid=tally.invalid,
-        rejected=tally.rejected,
-        sent=stats.sent if stats else 0,
-        batches=stats.batches if stats else 0,
-        retries=stats.retries if stats else 0,
-        gone=tally.gone,
+        read=counts.read,
+        new=counts.new,
+        changed=counts.changed,
+        unchanged=counts.unchanged,
+        invalid=counts.invalid,
+        rejected=ledger.rejected,
+        sent=stats.sent,
+        batches=stats.batches,
+        retries=stats.retries,
+        gone=dry.gone if dry else 0,
         null_cursor=null_cursor,
-        watermark=_iso(watermark),
+        watermark=_iso(horizon.value),
         seconds=time.monotonic() - started,
-        full=full,
-        invalid_records=tuple(tally.invalid_records),
-        rejected_records=tuple(tally.rejected_records),
+        full=plan.full,
+        invalid_records=tuple(counts.invalid_records),
+        rejected_records=tuple(ledger.rejected_records),
     )
+    _log_done(bound, report, dry_run=plan.dry_run)
+    return report, (_diff_stream(report, dry) if dry else None)
+
+
+def _plan(
+    mapping: Mapping, *, options: RunOptions, io: Collaborators, bound: FilteringBoundLogger
+) -> StreamPlan:
+    """The stream's plan, from what the state store knows of it; logs what it decided."""
+    previous = io.state.stream(state_name_of(mapping, options.shard))
+    plan = plan_stream(
+        mapping,
+        previous,
+        options=options,
+        api_key=io.delivery.api_key,
+        workspace_key=io.delivery.workspace_key,
+    )
+    if plan.mapping_changed:
+        bound.info("stream.mapping_changed", action="full diff")
+    if plan.checkpoint:
+        bound.info("backfill.resume", after=list(plan.checkpoint))
+    return plan
+
+
+def _act(
+    pages: Iterator[ClassifiedPage],
+    *,
+    plan: StreamPlan,
+    ledger: Ledger,
+    options: RunOptions,
+    io: Collaborators,
+) -> tuple[DryRun | None, DeliveryStats]:
+    """Send what changed (the ledger records it), or collect a dry run's records."""
+    if plan.dry_run:
+        dry = collect(
+            pages,
+            plan=plan,
+            state=io.state,
+            limit=options.diff_limit,
+            list_gone=options.mode == "full",
+        )
+        return dry, DeliveryStats()
+    if io.client is None:
+        raise ValueError("a run that sends needs an HTTP client")
+    stats = send(
+        pages,
+        plan=plan,
+        ledger=ledger,
+        config=io.delivery,
+        client=io.client,
+        stop=io.stop,
+        sleep=io.sleep,
+    )
+    return None, stats
+
+
+def _note_limits(horizon: Horizon, *, io: Collaborators, bound: FilteringBoundLogger) -> None:
+    """Warn of what held the watermark back, once a run per kind of note."""
+    for note in horizon.notes:
+        # once a run, not once a stream: the cause is the role, not the stream
+        kind = re.sub(r"[0-9]+", "#", note)
+        if kind not in io.noted:
+            io.noted.add(kind)
+            bound.warning("horizon.limited", note=note)
+
+
+def _reported(
+    pages: Iterator[ClassifiedPage],
+    counts: Counts,
+    progress: Progress,
+    stream: str,
+    total: int | None,
+) -> Iterator[ClassifiedPage]:
+    """The pages, with progress reported once each page was dealt with."""
+    for page in pages:
+        yield page
+        progress(stream, counts.read, total)
+
+
+def _log_done(bound: FilteringBoundLogger, report: StreamReport, *, dry_run: bool) -> None:
+    """The one summary line of a stream (SPEC §3 `stream.done`)."""
     bound.info(
         "stream.done",
         read=report.read,
@@ -212,51 +294,25 @@ def _run_stream(
         retries=report.retries,
         watermark=report.watermark,
         seconds=round(report.seconds, 3),
-        mode="full" if full else "incremental",
-        dry_run=options.dry_run,
+        mode="full" if report.full else "incremental",
+        dry_run=dry_run,
     )
-    diff = None
-    if options.dry_run:
-        counts = {k: v for k, v in report.counts().items() if k not in ("rejected", "sent")}
-        counts["null_cursor"] = null_cursor or 0
-        diff = DiffStream(
-            stream=mapping.stream,
-            event_type=mapping.event_type,
-            counts=counts,
-            records=tuple(tally.diff_records),
-            truncated=tally.truncated,
-        )
-    return report, diff
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """How a stream is read this time.
-
-    `order="key"`: every row, NULL cursors included (`--full`, `backfill`, a
-    mapping without a cursor). `order="cursor"`: rows whose cursor is at or
-    above `since - lookback`; with `since=None` every row that has a cursor
-    (the first run, or the mapping changed) — incremental sync never sees NULL
-    cursors (SPEC §5).
-    """
-
-    order: extract.Order
-    since: Watermark | None
+def _diff_stream(report: StreamReport, dry: DryRun) -> DiffStream:
+    """A dry run's stream in the diff report (SPEC §3 `etl diff` JSON)."""
+    counts = {k: v for k, v in report.counts().items() if k not in ("rejected", "sent")}
+    counts["null_cursor"] = report.null_cursor or 0
+    return DiffStream(
+        stream=report.stream,
+        event_type=report.event_type,
+        counts=counts,
+        records=dry.records,
+        truncated=dry.truncated,
+    )
 
 
-def _plan(mapping: Mapping, previous: Any, options: RunOptions, bound: Any) -> _Plan:
-    if options.mode != "incremental" or mapping.cursor is None:
-        return _Plan(order="key", since=None)
-    if previous is None or previous.watermark is None:
-        return _Plan(order="cursor", since=None)
-    if previous.fingerprint and previous.fingerprint != mapping.fingerprint:
-        # SPEC §5: old rows must be re-mapped with the new definition.
-        bound.info("stream.mapping_changed", action="full diff")
-        return _Plan(order="cursor", since=None)
-    return _Plan(order="cursor", since=previous.watermark)
-
-
-def _source_from(conn: Connection, mapping: Mapping) -> Any:
+def _source_from(conn: Connection, mapping: Mapping) -> sa.FromClause:
     try:
         return extract.source_from(conn, mapping)
     except Exception as exc:
@@ -271,36 +327,32 @@ def _source_from(conn: Connection, mapping: Mapping) -> Any:
 def _pages(
     conn: Connection,
     mapping: Mapping,
-    src: Any,
+    src: sa.FromClause,
     *,
-    plan: _Plan,
+    plan: StreamPlan,
     now: dt.datetime | None,
-    after: Sequence[Any] | None,
-    options: RunOptions,
-    state: StateStore,
-) -> Generator[list[tuple[Any, ...]], None, None]:
+    retry_keys: Sequence[Sequence[Any]],
+    page_size: int,
+) -> Generator[list[Row], None, None]:
     """Rows to consider: earlier rejects first (re-read by key), then the pages."""
     if plan.order == "key":
         yield from extract.prefetch(
             extract.read_pages(
-                conn, mapping, src, order="key", after=after, page_size=options.page_size
+                conn, mapping, src, order="key", after=plan.checkpoint, page_size=page_size
             )
         )
         return
-    keys = [orjson.loads(r["key_values"]) for r in state.rejected(mapping.stream)]
-    for start in range(0, len(keys), options.page_size):
-        rows = extract.read_keys(conn, mapping, src, keys[start : start + options.page_size])
+    for start in range(0, len(retry_keys), page_size):
+        rows = extract.read_keys(conn, mapping, src, retry_keys[start : start + page_size])
         if rows:
             yield rows
     lower = lower_bound(conn, mapping, plan.since, now=now) if plan.since is not None else None
     yield from extract.prefetch(
-        extract.read_pages(
-            conn, mapping, src, order="cursor", lower=lower, page_size=options.page_size
-        )
+        extract.read_pages(conn, mapping, src, order="cursor", lower=lower, page_size=page_size)
     )
 
 
-def _iso(value: Any) -> str | None:
+def _iso(value: Watermark | None) -> str | None:
     if value is None:
         return None
     return value.isoformat() if isinstance(value, dt.datetime) else str(value)

@@ -20,7 +20,7 @@ import os
 import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import orjson
 import sqlalchemy as sa
@@ -71,6 +71,21 @@ class Rejected(NamedTuple):
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class PendingReject:
+    """A record the API refused, waiting to be retried: one row of the rejects
+    table, decoded (`key_values` are the key's column values, to re-read the row)."""
+
+    stream: str
+    key: str
+    key_values: tuple[Any, ...]
+    event_id: str
+    message: str
+    attempts: int
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+
+
 @dataclass(frozen=True)
 class StreamState:
     """What the store knows of one stream."""
@@ -99,6 +114,10 @@ def _now() -> dt.datetime:
     return dt.datetime.now(UTC)
 
 
+@overload
+def _aware(value: dt.datetime) -> dt.datetime: ...
+@overload
+def _aware(value: dt.datetime | None) -> dt.datetime | None: ...
 def _aware(value: dt.datetime | None) -> dt.datetime | None:
     # SQLite hands back naive datetimes; everything we write is UTC.
     if value is None or value.tzinfo is not None:
@@ -360,7 +379,7 @@ class StateStore:
                 )
             )
 
-    def rejected(self, stream: str | None = None) -> list[dict[str, Any]]:
+    def rejected(self, stream: str | None = None) -> list[PendingReject]:
         """Pending rejects (all streams, or one), oldest first."""
         if self._engine is None:
             return []
@@ -368,7 +387,19 @@ class StateStore:
         if stream is not None:
             query = query.where(rejects_table.c.stream == stream)
         with self._begin() as conn:
-            return [_plain_row(r) for r in conn.execute(query)]
+            return [
+                PendingReject(
+                    stream=r.stream,
+                    key=r.key,
+                    key_values=tuple(orjson.loads(r.key_values)),
+                    event_id=r.event_id,
+                    message=r.message,
+                    attempts=r.attempts,
+                    first_seen=_aware(r.first_seen),
+                    last_seen=_aware(r.last_seen),
+                )
+                for r in conn.execute(query)
+            ]
 
     # ------------------------------------------------------------ runs
 
