@@ -120,6 +120,40 @@ class Source:
 
 
 @dataclass(frozen=True)
+class Related:
+    """A table (or query) whose changes re-send records of a stream (SPEC §9).
+
+    Read incrementally for `key` only (the stream's key columns as this table
+    names them, same number and order), by its own `cursor` with its own
+    watermark and `lookback_seconds`.
+    """
+
+    source: Source
+    key: tuple[str, ...]
+    cursor: str
+    lookback_seconds: float = READ.lookback_seconds
+
+    @property
+    def label(self) -> str:
+        """A stable name for this entry's watermark: what it reads, by which key and cursor.
+
+        Reordering `related:` entries keeps each watermark; changing what one
+        reads starts it afresh.
+        """
+        if self.source.query is not None:
+            what = "query:" + hashlib.sha256(self.source.query.encode()).hexdigest()[:16]
+        else:
+            what = (
+                f"{self.source.schema}.{self.source.table}"
+                if self.source.schema
+                else (self.source.table or "")
+            )
+        if self.source.where:
+            what += " where:" + hashlib.sha256(self.source.where.encode()).hexdigest()[:8]
+        return f"{what}({','.join(self.key)})@{self.cursor}"
+
+
+@dataclass(frozen=True)
 class Mapping:
     """One validated mapping file: how rows of one source become events of one type."""
 
@@ -136,6 +170,10 @@ class Mapping:
     url: Field | None = None
     lookback_seconds: float = READ.lookback_seconds
     timezone: str = "UTC"
+    # SPEC §9: related tables, the full-read interval (None: never) and the gone traits.
+    related: tuple[Related, ...] = ()
+    full_every_seconds: float | None = READ.full_every_seconds
+    on_gone: tuple[tuple[str, Any], ...] = ()  # (trait, value) pairs; () means no on_gone
     # sha256 over the normalised definition: a change forces a full diff (SPEC §5).
     fingerprint: str = ""
 

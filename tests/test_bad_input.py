@@ -97,6 +97,17 @@ Property
   85  random rows of any SQLite scalar in a real table, one `etl sync --page-size 3`:
       exit 0 or 3, never 1; each row received or listed invalid with a reason. (The pure
       form: tests/test_transform.py::test_any_row_becomes_a_valid_event_or_an_invalid_record.)
+
+Related tables, full reads, gone records (SPEC §9): exit 2, nothing read or sent.
+  86  a related key of the wrong arity   related.0.key: has 2 column(s), the stream's key has 1
+  87  a related table without cursor     related.0.cursor: is missing — add cursor: …
+  88  an on_gone trait that sets an id   on_gone.traits.user_id: 'user_id' is an id, not a trait
+  89  an on_gone required trait          on_gone.traits.name: sets 'name', which user_identify
+                                           requires: a gone record keeps its last-sent name
+  90  a full_every that is no duration   full_every: 'weekly' is not a duration — write 12h, 1d…
+  91  a name of two empty strings        required trait 'name' is only whitespace (' ') (SQLite
+                                           rows, with 21-32)
+  92  a related table or column missing validate --check-source: related.0.key: no column 'owner'
 """
 
 from __future__ import annotations
@@ -374,6 +385,41 @@ def _mapping_cases() -> list[Any]:
             ["users.yml: source.query: must start with SELECT or WITH"],
             id="13-query-not-a-select",
         ),
+        pytest.param(
+            base + "related:\n  - {table: memberships, key: [user_id, workspace_id], "
+            "cursor: updated_at}\n",
+            [
+                "users.yml: related.0.key: has 2 column(s), the stream's key has 1 (id)",
+                "list 1 column(s), in the order of the stream's key",
+            ],
+            id="86-related-key-arity",
+        ),
+        pytest.param(
+            base + "related:\n  - {table: memberships, key: user_id}\n",
+            ["users.yml: related.0.cursor: is missing — add cursor: the column that moves"],
+            id="87-related-without-cursor",
+        ),
+        pytest.param(
+            base + "on_gone:\n  traits: {deleted: true, user_id: gone}\n",
+            ["users.yml: on_gone.traits.user_id: 'user_id' is an id, not a trait"],
+            id="88-on-gone-sets-an-id",
+        ),
+        pytest.param(
+            base + "on_gone:\n  traits: {deleted: true, name: Deleted user}\n",
+            [
+                "users.yml: on_gone.traits.name: sets 'name', which user_identify requires",
+                "use another trait name, e.g. deleted: true",
+            ],
+            id="89-on-gone-sets-a-required-trait",
+        ),
+        pytest.param(
+            base + "full_every: weekly\n",
+            [
+                "users.yml: full_every: 'weekly' is not a duration",
+                "write a duration such as 12h, 1d or 7d, or never to turn it off",
+            ],
+            id="90-full-every-not-a-duration",
+        ),
     ]
 
 
@@ -381,7 +427,7 @@ def _mapping_cases() -> list[Any]:
 def test_a_broken_mapping_file_exits_2_naming_file_key_and_fix_before_reading(
     scene: Scene, text: str, words: list[str]
 ) -> None:
-    """1-2, 6-13. A mapping mistake stops `sync` with exit 2 and `file: key: problem — fix`;
+    """1-2, 6-13, 86-90. A mapping mistake stops `sync` with exit 2 and `file: key: problem — fix`;
     the source is never opened (its URL leads nowhere) and no state is created."""
     write_mapping(scene, "users.yml", text)
     result = scene.run("sync", ETL_SOURCE_URL=UNREADABLE_SOURCE)
@@ -591,6 +637,11 @@ SQLITE_ROWS: dict[str, tuple[int, Any, str | None]] = {
         "UPDATE users SET created_at = 'yesterday' WHERE id = :id",
         "created_at: 'yesterday' is not an ISO-8601 datetime",
     ),
+    "91-whitespace-name": (
+        15,
+        {"first_name": "", "last_name": ""},
+        "required trait 'name' is only whitespace (' ')",
+    ),
 }
 
 
@@ -624,7 +675,7 @@ def sqlite_hostile(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_a_hostile_sqlite_value_becomes_an_invalid_record_with_its_reason(
     sqlite_hostile: dict[str, Any], case: str
 ) -> None:
-    """21-32. Each bad value makes its record invalid with the reason (listed in the
+    """21-32, 91. Each bad value makes its record invalid with the reason (listed in the
     output and the run record, never sent, never marked as sent); the good values
     are delivered as written. The run finishes with exit 3."""
     number, _, reason = SQLITE_ROWS[case]
@@ -678,6 +729,25 @@ def test_a_query_with_duplicate_and_null_keys_sends_each_key_once(scene: Scene) 
         " — make `key` unique (only the first row was used)"
     )
     assert len(scene.receiver.events()) == 3 + 6  # the repeat was not sent
+
+
+def test_a_related_table_or_column_that_does_not_exist_is_named_by_check_source(
+    scene: Scene,
+) -> None:
+    """92. A `related:` entry naming a missing table or column: `validate
+    --check-source` exits 2 with `file: related.N.key: no column … — fix`."""
+    write_mapping(
+        scene,
+        "users.yml",
+        users_yml()
+        + "related:\n  - {table: workspaces, key: owner, cursor: updated_at}\n"
+        + "  - {table: memberships, key: user_id, cursor: updated_at}\n",
+    )
+    result = scene.run("validate", "--check-source")
+    assert result.exit_code == 2, result.stderr
+    assert "users.yml: related.0.key: no column 'owner' in workspaces (columns: " in (result.stderr)
+    assert "users.yml: related.1.table: no table 'memberships' — check the name" in result.stderr
+    assert scene.receiver.requests() == []
 
 
 def test_a_column_dropped_since_the_last_run_exits_1_naming_it_state_untouched(

@@ -617,3 +617,117 @@ def test_unreadable_file_is_a_problem(tmp_path: Path) -> None:
         f"{tmp_path}/users.yml: byte {len(USERS) + len('  bad: caf')}: not UTF-8 text"
         " — save the file as UTF-8"
     ]
+
+
+# --- related, full_every, on_gone (SPEC §9) ----------------------------------------
+
+RELATED = """\
+related:
+  - table: memberships
+    key: user_id
+    cursor: updated_at
+  - query: "SELECT m.user_id, w.updated_at FROM memberships m JOIN workspaces w ON w.id = m.ws"
+    key: user_id
+    cursor: updated_at
+    lookback: 1h
+full_every: 1d
+on_gone:
+  traits: {deleted: true, status: gone, tags: [a, b]}
+"""
+
+
+def test_related_full_every_and_on_gone_are_parsed() -> None:
+    """Each related entry keeps its source, key, cursor and lookback (default: the stream's)."""
+    mapping = parse_mapping(USERS + "lookback: 5m\n" + RELATED, path=PATH)
+    table, query = mapping.related
+    assert (table.source, table.key, table.cursor) == (
+        Source(table="memberships"),
+        ("user_id",),
+        "updated_at",
+    )
+    assert (table.lookback_seconds, query.lookback_seconds) == (300.0, 3600.0)
+    assert query.source.query is not None
+    assert query.source.query.startswith("SELECT m.user_id")
+    assert table.label == "memberships(user_id)@updated_at"
+    assert query.label.startswith("query:")
+    assert mapping.full_every_seconds == 86400.0
+    assert mapping.on_gone == (("deleted", True), ("status", "gone"), ("tags", ("a", "b")))
+
+
+def test_full_every_defaults_to_a_week_and_never_turns_it_off() -> None:
+    """Without full_every a stream reads fully once a week; `never` means no periodic full read."""
+    assert parse_mapping(USERS, path=PATH).full_every_seconds == 7 * 86400.0
+    assert parse_mapping(USERS + "full_every: never\n", path=PATH).full_every_seconds is None
+    assert (parse_mapping(USERS, path=PATH).related, parse_mapping(USERS, path=PATH).on_gone) == (
+        (),
+        (),
+    )
+
+
+def test_fingerprint_changes_with_related_but_not_with_full_every_or_on_gone() -> None:
+    """Adding a related table re-maps the stream (SPEC §9); the full-read clock and the
+    gone traits change no payload, so they leave the fingerprint (and the state) alone."""
+    plain = parse_mapping(USERS, path=PATH).fingerprint
+    gone = USERS + "full_every: 1d\non_gone: {traits: {deleted: true}}\n"
+    assert parse_mapping(gone, path=PATH).fingerprint == plain
+    assert parse_mapping(USERS + RELATED, path=PATH).fingerprint != plain
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        (
+            "related: {table: memberships}\n",
+            "related: must be a list, got a mapping — list the tables",
+        ),
+        ("related: []\n", "related: is an empty list"),
+        ("related: [memberships]\n", "related.0: must be a mapping, got 'memberships'"),
+        (
+            "related: [{key: user_id, cursor: updated_at}]\n",
+            "related.0: has neither 'table' nor 'query'",
+        ),
+        (
+            "related: [{table: m, key: [user_id, ws], cursor: updated_at}]\n",
+            "related.0.key: has 2 column(s), the stream's key has 1 (id)",
+        ),
+        ("related: [{table: m, cursor: updated_at}]\n", "related.0: has no key — add key:"),
+        ("related: [{table: m, key: user_id}]\n", "related.0.cursor: is missing"),
+        (
+            "related: [{table: m, key: user_id, cursor: u, lookback: soon}]\n",
+            "related.0.lookback: 'soon' is not a duration",
+        ),
+        (
+            "related: [{table: m, key: user_id, cursor: u, wher: x}]\n",
+            "related.0.wher: unknown key 'wher' — did you mean 'where'?",
+        ),
+        (
+            "related: [{table: m, key: user_id, cursor: u}, {table: m, key: user_id, cursor: u}]\n",
+            "related: lists m(user_id)@u more than once",
+        ),
+        ("full_every: 0\n", "full_every: 0 is not a positive duration"),
+        ("full_every: null\n", "full_every: null is not a duration"),
+        ("on_gone: true\n", "on_gone: must be a mapping, got true"),
+        ("on_gone: {traits: {}}\n", "on_gone.traits: is empty"),
+        ("on_gone: {deleted: true}\n", "on_gone.deleted: unknown key 'deleted'"),
+        (
+            "on_gone: {account_id: x, traits: {deleted: true}}\n",
+            "on_gone.account_id: sets an id",
+        ),
+        ("on_gone: {traits: {email: gone}}\n", "on_gone.traits.email: sets 'email', which"),
+        ("on_gone: {traits: {deleted: null}}\n", "on_gone.traits.deleted: is null"),
+        ("on_gone: {traits: {deleted: {a: 1}}}\n", "on_gone.traits.deleted: must be text"),
+    ],
+)
+def test_bad_related_full_every_and_on_gone_are_mapping_errors(extra: str, problem: str) -> None:
+    """Each bad related/full_every/on_gone value is one `file: key: problem — fix`."""
+    found = problems_of(USERS + extra)
+    assert any(f"{PATH}: {problem}" in line for line in found), found
+
+
+def test_on_gone_may_not_set_an_account_streams_name() -> None:
+    """account_identify requires only `name`: on_gone may set anything else, not that."""
+    assert parse_mapping(ACCOUNTS + "on_gone: {traits: {email: x}}\n", path=PATH).on_gone
+    assert (
+        "on_gone.traits.name: sets 'name'"
+        in problems_of(ACCOUNTS + "on_gone: {traits: {name: x}}\n")[0]
+    )

@@ -67,6 +67,8 @@ KEYS = [
     *mapping_keys.MAPPING.names,
     *(f"source.{k}" for k in mapping_keys.SOURCE.names),
     *mapping_keys.FIELD.names,
+    *(f"related.{k}" for k in mapping_keys.RELATED.names),
+    *(f"on_gone.{k}" for k in mapping_keys.ON_GONE.names),
 ]
 
 

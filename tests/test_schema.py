@@ -48,10 +48,20 @@ PLACES: dict[str, tuple[str, ...]] = {
     "mapping": (),
     "source": ("source",),
     "field": ("traits", "plan"),
+    "related": ("related",),
+    "on_gone": ("on_gone",),
 }
 
 
 def _at(data: dict[str, Any], place: tuple[str, ...]) -> dict[str, Any]:
+    if place == ("related",):  # a list of entries: check the first
+        data["related"] = [{"table": "memberships", "key": "user_id", "cursor": "updated_at"}]
+        entry: dict[str, Any] = data["related"][0]
+        return entry
+    if place == ("on_gone",):
+        data["on_gone"] = {"traits": {"deleted": True}}
+        on_gone: dict[str, Any] = data["on_gone"]
+        return on_gone
     for name in place:
         if not isinstance(data.get(name), dict):
             data[name] = {"column": "plan"}

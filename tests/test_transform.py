@@ -699,6 +699,33 @@ def test_missing_or_empty_required_trait_makes_the_record_invalid(
     assert "missing or empty" in reason or "not an ISO-8601 datetime" in reason
 
 
+@pytest.mark.parametrize("value", [" ", "  \t\n", "\u00a0"])
+@pytest.mark.parametrize(("position", "name"), [(3, "email"), (4, "name")])
+def test_a_required_trait_of_only_whitespace_makes_the_record_invalid(
+    position: int, name: str, value: str
+) -> None:
+    """Empty means empty: a required trait that is only whitespace is invalid, naming it."""
+    row: list[Any] = [7, "u7", "w1", "a@x.io", "Ann", CREATED]
+    row[position] = value
+    assert reason_of(to_record(row, users())) == (
+        f"required trait {name!r} is only whitespace ({value!r})"
+    )
+
+
+@pytest.mark.parametrize(("position", "name"), [(1, "user_id"), (2, "account_id")])
+def test_an_id_of_only_whitespace_makes_the_record_invalid(position: int, name: str) -> None:
+    """A user_id or account_id that is only whitespace is as unusable as an empty one."""
+    row: list[Any] = [7, "u7", "w1", "a@x.io", "Ann", CREATED]
+    row[position] = "  "
+    assert reason_of(to_record(row, users())) == f"{name} is only whitespace"
+
+
+def test_a_name_with_inner_spaces_is_valid() -> None:
+    """Spaces around real characters are kept as sent: only all-whitespace is empty."""
+    row: list[Any] = [7, "u7", "w1", "a@x.io", " Ann  Lee ", CREATED]
+    assert to_record(row, users()).payload is not None
+
+
 def test_account_requires_a_name() -> None:
     """An account record without a name is invalid."""
     record = to_record((1, "u1", "w1", None), accounts())

@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from etl.mapping.keys import FIELD, MAPPING, SOURCE, KeySet
+from etl.mapping.keys import FIELD, MAPPING, ON_GONE, RELATED, SOURCE, KeySet
 from etl.model import (
     REQUIRED_TRAITS,
     TRAIT_TYPES,
     EventType,
     Field,
     FieldKind,
+    Related,
     Source,
     TraitType,
 )
@@ -245,17 +246,40 @@ def valid_field(spec: object, name: str, key: str, problems: Problems) -> Field 
     )
 
 
-def _query(value: object, problems: Problems) -> str | None:
+def _query(value: object, problems: Problems, at: str = "source.query") -> str | None:
     """A `source.query` that starts with SELECT or WITH, without a trailing `;`."""
-    query = _text(value, "source.query", problems, "a SELECT statement")
+    query = _text(value, at, problems, "a SELECT statement")
     if query is None:
         return None
     preamble = _QUERY_PREAMBLE.match(query)
     if not _QUERY_START.match(query, preamble.end() if preamble else 0):
-        problems.add("source.query", "must start with SELECT or WITH", "write one read-only query")
+        problems.add(at, "must start with SELECT or WITH", "write one read-only query")
         return None
     # The query runs as a subquery, where a trailing `;` is a syntax error.
     return query.strip().removesuffix(";").rstrip()
+
+
+def _source_parts(
+    value: dict[Any, Any], at: str, allowed: KeySet, problems: Problems
+) -> Source | None:
+    """The table/query/schema/where of a mapping at dotted key `at` (`source`, `related.0`)."""
+    before = len(problems.items)
+    check_keys(value, allowed, at, problems)
+    if "table" in value and "query" in value:
+        problems.add(at, "has both 'table' and 'query'", "keep exactly one of table, query")
+    elif "table" not in value and "query" not in value:
+        problems.add(at, "has neither 'table' nor 'query'", REQUIRED["source"])
+    elif "query" in value and value.get("schema") is not None:
+        problems.add(f"{at}.schema", "only applies to table", "name the schema inside the query")
+    table = (
+        _text(value["table"], f"{at}.table", problems, "a table name") if "table" in value else None
+    )
+    query = _query(value["query"], problems, f"{at}.query") if "query" in value else None
+    schema = optional_text(value, "schema", f"{at}.schema", problems, "a schema name")
+    where = optional_text(value, "where", f"{at}.where", problems, "a SQL condition")
+    if len(problems.items) > before:
+        return None
+    return Source(table=table, schema=schema, where=where, query=query)
 
 
 def valid_source(value: object, problems: Problems) -> Source | None:
@@ -263,40 +287,24 @@ def valid_source(value: object, problems: Problems) -> Source | None:
     if not isinstance(value, dict):
         problems.add("source", f"must be a mapping, got {describe(value)}", REQUIRED["source"])
         return None
-    before = len(problems.items)
-    check_keys(value, SOURCE, "source", problems)
-    if "table" in value and "query" in value:
-        problems.add("source", "has both 'table' and 'query'", "keep exactly one of table, query")
-    elif "table" not in value and "query" not in value:
-        problems.add("source", "has neither 'table' nor 'query'", REQUIRED["source"])
-    elif "query" in value and value.get("schema") is not None:
-        problems.add("source.schema", "only applies to table", "name the schema inside the query")
-    table = (
-        _text(value["table"], "source.table", problems, "a table name")
-        if "table" in value
-        else None
-    )
-    query = _query(value["query"], problems) if "query" in value else None
-    schema = optional_text(value, "schema", "source.schema", problems, "a schema name")
-    where = optional_text(value, "where", "source.where", problems, "a SQL condition")
-    if len(problems.items) > before:
-        return None
-    return Source(table=table, schema=schema, where=where, query=query)
+    return _source_parts(value, "source", SOURCE, problems)
 
 
-def valid_key(value: object, problems: Problems) -> tuple[str, ...] | None:
-    """`key:` -> the columns that identify a record, else None and a problem."""
+def valid_key(value: object, problems: Problems, at: str = "key") -> tuple[str, ...] | None:
+    """`key:` (or the key at dotted `at`) -> the columns that identify a record,
+    else None and a problem."""
     if value == []:
-        problems.add("key", "is an empty list", "name at least one column")
+        problems.add(at, "is an empty list", "name at least one column")
         return None
     items = value if isinstance(value, list) else [value]
-    keys = [f"key.{index}" for index in range(len(items))] if isinstance(value, list) else ["key"]
+    keys = [f"{at}.{index}" for index in range(len(items))] if isinstance(value, list) else [at]
     names = [
-        _text(item, at, problems, "a column name") for item, at in zip(items, keys, strict=True)
+        _text(item, where, problems, "a column name")
+        for item, where in zip(items, keys, strict=True)
     ]
     repeated = sorted({name for name in names if name and names.count(name) > 1})
     for name in repeated:
-        problems.add("key", f"lists {name!r} more than once", "list each column once")
+        problems.add(at, f"lists {name!r} more than once", "list each column once")
     valid = [name for name in names if name]
     return tuple(valid) if len(valid) == len(items) and not repeated else None
 
@@ -367,3 +375,157 @@ def valid_traits(
             f"add e.g. `{missing[0]}: COLUMN` under traits",
         )
     return tuple(fields)
+
+
+# --- SPEC §9: related tables, full reads, gone records ----------------------------
+
+# Fields of the event that are not traits: on_gone may not set them.
+ID_FIELDS = ("user_id", "account_id", "anonymous_id", "url")
+_RELATED_EXAMPLE = "e.g. `- {table: memberships, key: user_id, cursor: updated_at}`"
+
+
+def valid_related(
+    value: object,
+    stream_key: tuple[str, ...] | None,
+    default_lookback: float,
+    problems: Problems,
+) -> tuple[Related, ...]:
+    """`related:` -> the tables whose changes re-send records of this stream.
+
+    Each entry is a table or query (with `schema`/`where` as in `source`), the
+    `key` naming the stream's key columns in that table (same number, same
+    order), its own `cursor` (required) and `lookback` (default: the stream's).
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        got = f"must be a list, got {describe(value)}" if value != [] else "is an empty list"
+        problems.add("related", got, f"list the tables, {_RELATED_EXAMPLE}, or remove related")
+        return ()
+    entries = []
+    for index, item in enumerate(value):
+        at = f"related.{index}"
+        if not isinstance(item, dict):
+            problems.add(
+                at, f"must be a mapping, got {describe(item)}", f"write {_RELATED_EXAMPLE}"
+            )
+            continue
+        before = len(problems.items)
+        source = _source_parts(item, at, RELATED, problems)
+        key = None
+        if "key" not in item:
+            problems.add(at, "has no key", RELATED.required["key"])
+        else:
+            key = valid_key(item["key"], problems, f"{at}.key")
+        if key is not None and stream_key is not None and len(key) != len(stream_key):
+            problems.add(
+                f"{at}.key",
+                f"has {len(key)} column(s), the stream's key has {len(stream_key)} "
+                f"({', '.join(stream_key)})",
+                f"list {len(stream_key)} column(s), in the order of the stream's key",
+            )
+        cursor = None
+        if item.get("cursor") is None:
+            problems.add(
+                f"{at}.cursor",
+                "is missing" if "cursor" not in item else "is null",
+                RELATED.required["cursor"],
+            )
+        else:
+            cursor = _text(item["cursor"], f"{at}.cursor", problems, "a column name")
+        lookback: float | None = default_lookback
+        if "lookback" in item:
+            try:
+                lookback = parse_lookback(item["lookback"])
+            except ValueError as exc:
+                problems.add(
+                    f"{at}.lookback", str(exc), "write 30s, 10m, 2h, 1d or a number of seconds"
+                )
+        if len(problems.items) > before or source is None or key is None or cursor is None:
+            continue
+        entries.append(
+            Related(source=source, key=key, cursor=cursor, lookback_seconds=lookback or 0.0)
+        )
+    labels = [entry.label for entry in entries]
+    for label in sorted({label for label in labels if labels.count(label) > 1}):
+        problems.add("related", f"lists {label} more than once", "keep one entry per table")
+    return tuple(entries)
+
+
+def valid_full_every(value: object, default: float | None, problems: Problems) -> float | None:
+    """`full_every:` in seconds; `never` turns periodic full reads off (None)."""
+    if value == "never":
+        return None
+    try:
+        seconds = parse_lookback(value)
+    except ValueError as exc:
+        problems.add(
+            "full_every",
+            str(exc),
+            "write a duration such as 12h, 1d or 7d, or never to turn it off",
+        )
+        return default
+    if seconds <= 0:
+        problems.add(
+            "full_every", f"{describe(value)} is not a positive duration", "write 1d, 7d, or never"
+        )
+    return seconds
+
+
+def valid_on_gone(
+    value: object, event_type: EventType | None, problems: Problems
+) -> tuple[tuple[str, Any], ...]:
+    """`on_gone: {traits: {...}}` -> the (trait, value) pairs merged into a gone record.
+
+    Values are constants (the row is gone: no column to read). They may not
+    set the event's ids or a trait the event type requires, which must keep
+    the values last sent.
+    """
+    if value is None:
+        return ()
+    example = ON_GONE.required["traits"]
+    if not isinstance(value, dict):
+        problems.add("on_gone", f"must be a mapping, got {describe(value)}", example)
+        return ()
+    check_keys(value, ON_GONE, "on_gone", problems)
+    for name in ID_FIELDS:
+        if name in value:
+            problems.add(
+                f"on_gone.{name}",
+                "sets an id: a gone record keeps the ids it was last sent with",
+                "remove it; put traits under on_gone.traits",
+            )
+    traits = value.get("traits")
+    if not isinstance(traits, dict) or not traits:
+        got = "is missing" if traits is None else f"must be a mapping, got {describe(traits)}"
+        if traits == {}:
+            got = "is empty"
+        problems.add("on_gone.traits", got, example)
+        return ()
+    required = REQUIRED_TRAITS[event_type] if event_type else ()
+    pairs = []
+    for name, trait_value in traits.items():
+        at = f"on_gone.traits.{name}"
+        if not isinstance(name, str) or not name.strip() or "\0" in name:
+            problems.add(at, f"{describe(name)} is not a trait name", "quote it")
+        elif name in ID_FIELDS:
+            problems.add(
+                at,
+                f"{name!r} is an id, not a trait: a gone record keeps its last-sent ids",
+                "use another trait name, e.g. deleted: true",
+            )
+        elif name in required:
+            problems.add(
+                at,
+                f"sets {name!r}, which {event_type} requires: a gone record keeps its last-sent "
+                f"{name}",
+                "use another trait name, e.g. deleted: true",
+            )
+        elif trait_value is None:
+            problems.add(at, "is null", "give a value such as true or 'deleted'")
+        else:
+            before = len(problems.items)
+            _check_value(trait_value, at, problems)
+            if len(problems.items) == before:
+                pairs.append((name, _frozen(trait_value)))
+    return tuple(sorted(pairs))

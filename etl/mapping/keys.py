@@ -123,6 +123,52 @@ SOURCE = KeySet(
     },
 )
 
+RELATED = KeySet(
+    name="related",
+    doc="A table (or query) whose changes re-send records of this stream (SPEC §9): "
+    "read incrementally for keys only, by its own cursor.",
+    keys=(
+        Key("table", _TEXT, "a table holding this stream's key (e.g. memberships)"),
+        Key("schema", _OPTIONAL_TEXT, "the table's schema"),
+        Key("where", _OPTIONAL_TEXT, "a raw SQL filter on the related rows"),
+        Key("query", _TEXT, "or a SELECT returning the key and cursor columns"),
+        Key(
+            "key",
+            {
+                "oneOf": [
+                    _TEXT,
+                    {"type": "array", "items": _TEXT, "minItems": 1, "uniqueItems": True},
+                ]
+            },
+            "the column(s) holding this stream's key, as many and in the same order as `key`",
+            missing_fix="add key: the column(s) holding this stream's key, e.g. user_id",
+        ),
+        Key(
+            "cursor",
+            _TEXT,
+            "the related rows' own updated_at-like column; it gets its own watermark",
+            missing_fix="add cursor: the column that moves when a row changes, e.g. updated_at",
+        ),
+        Key("lookback", _DURATION, "its own re-read window; default: the stream's lookback"),
+    ),
+    rules={
+        "oneOf": [{"required": ["table"]}, {"required": ["query"]}],
+    },
+)
+
+ON_GONE = KeySet(
+    name="on_gone",
+    doc="What to send, once, for a record sent before and now gone (SPEC §9).",
+    keys=(
+        Key(
+            "traits",
+            {"type": "object", "minProperties": 1, "additionalProperties": _PLAIN_VALUE},
+            "traits merged into the last-sent payload; constants, not ids or required traits",
+            missing_fix="write on_gone: {traits: {deleted: true}}",
+        ),
+    ),
+)
+
 MAPPING = KeySet(
     name="mapping",
     doc="One etl mapping file: one stream of identify events (SPEC §4).",
@@ -182,8 +228,19 @@ MAPPING = KeySet(
         Key("timezone", _TEXT, "IANA zone of naive timestamps, default UTC"),
         Key("anonymous_id", _OPTIONAL_VALUE, "sent as an empty string when absent"),
         Key("url", _OPTIONAL_VALUE, "omitted when absent"),
+        Key(
+            "related",
+            {"type": "array", "items": RELATED, "minItems": 1},
+            "tables whose changes re-send records of this stream",
+        ),
+        Key(
+            "full_every",
+            {"oneOf": [_DURATION, {"const": "never"}]},
+            "a sync becomes a full read when the last one is older than this; default 7d",
+        ),
+        Key("on_gone", ON_GONE, "sent once for a record sent before and now gone"),
     ),
 )
 
 # Every key set, for the schema's definitions and the agreement test.
-KEY_SETS: tuple[KeySet, ...] = (MAPPING, SOURCE, FIELD)
+KEY_SETS: tuple[KeySet, ...] = (MAPPING, SOURCE, FIELD, RELATED, ON_GONE)

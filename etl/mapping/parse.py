@@ -30,8 +30,11 @@ from etl.mapping.fields import (
     optional_text,
     suggest,
     valid_field,
+    valid_full_every,
     valid_key,
     valid_lookback,
+    valid_on_gone,
+    valid_related,
     valid_source,
     valid_stream,
     valid_timezone,
@@ -57,6 +60,12 @@ def mapping_fingerprint(mapping: Mapping) -> str:
     """
     definition = dataclasses.asdict(mapping)
     del definition["path"], definition["fingerprint"]
+    # How often full reads run and what a gone record gets change no row's
+    # payload; absent related tables leave the definition as it was before
+    # related existed (no re-map after an upgrade).
+    del definition["full_every_seconds"], definition["on_gone"]
+    if not definition["related"]:
+        del definition["related"]
     definition["traits"] = sorted(definition["traits"], key=lambda trait: trait["name"])
     canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -86,6 +95,11 @@ def _build(data: dict[Any, Any], problems: Problems) -> Mapping | None:
     }
     user_id, account_id = ids.get("user_id"), ids.get("account_id")
     traits = valid_traits(data["traits"], event_type, problems) if "traits" in data else ()
+    related = valid_related(data.get("related"), key, lookback or 0.0, problems)
+    full_every = valid_full_every(
+        data.get("full_every", READ.full_every_seconds), READ.full_every_seconds, problems
+    )
+    on_gone = valid_on_gone(data.get("on_gone"), event_type, problems)
     # A None below always came with a problem; the checks narrow the types.
     if (
         problems.items
@@ -113,6 +127,9 @@ def _build(data: dict[Any, Any], problems: Problems) -> Mapping | None:
         url=ids.get("url"),
         lookback_seconds=lookback,
         timezone=timezone,
+        related=related,
+        full_every_seconds=full_every,
+        on_gone=on_gone,
     )
     return dataclasses.replace(mapping, fingerprint=mapping_fingerprint(mapping))
 

@@ -228,11 +228,21 @@ class _Compiled:
 
 
 def _missing(payload: dict[str, Any], mapping: Mapping) -> str | None:
+    """Why a mandatory id or required trait is unusable, else None.
+
+    Empty means empty (SPEC §9): text that is only whitespace counts as empty,
+    e.g. Django's `first_name || ' ' || last_name` over two empty strings.
+    """
     for name in ("user_id", "account_id"):
-        if not payload.get(name):
+        value = payload.get(name)
+        if not value:
             return f"{name} is missing or empty"
+        if isinstance(value, str) and value.isspace():
+            return f"{name} is only whitespace"
     for name in REQUIRED_TRAITS[mapping.event_type]:
         value = payload["traits"].get(name)
         if value is None or value == "":
             return f"required trait {name!r} is missing or empty"
+        if isinstance(value, str) and value.isspace():
+            return f"required trait {name!r} is only whitespace ({value!r})"
     return None

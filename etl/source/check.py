@@ -13,13 +13,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from etl.errors import MappingError, QueryError, SourceError
-from etl.model import Mapping
+from etl.model import Mapping, Related, Source
 from etl.source.extract import (
     count_null_cursors,
     first_line,
     query_columns,
     raw_sql,
     read_only,
+    related_from,
     source_from,
 )
 
@@ -52,7 +53,7 @@ def check_one(conn: Connection, mapping: Mapping) -> list[str]:
     where = f"{mapping.path}: source"
     try:
         with conn.begin_nested():
-            available = _available_columns(conn, mapping)
+            available = _available_columns(conn, mapping.source)
     except sa.exc.DBAPIError as exc:
         what = "query" if mapping.source.query else "table"
         return [
@@ -100,17 +101,56 @@ def check_one(conn: Connection, mapping: Mapping) -> list[str]:
                 sa.select(sa.literal_column(f"({field.value}\n)")).select_from(src).limit(0)
             )
             problems += _try(conn, mapping, f"{key}.sql", field.value, query)
+    for index, related in enumerate(mapping.related):
+        problems += _check_related(conn, mapping, index, related)
     return problems
 
 
-def _available_columns(conn: Connection, mapping: Mapping) -> set[str] | None:
-    if mapping.source.query is not None:
-        return set(query_columns(conn, mapping.source.query))
+def _check_related(conn: Connection, mapping: Mapping, index: int, related: Related) -> list[str]:
+    """A `related:` entry's table or query, its key and cursor columns, its `where:`."""
+    at = f"{mapping.path}: related.{index}"
+    what = "query" if related.source.query else "table"
+    try:
+        with conn.begin_nested():
+            available = _available_columns(conn, related.source)
+    except sa.exc.DBAPIError as exc:
+        return [f"{at}.{what}: cannot be read: {first_line(exc.orig)} — check the {what}"]
+    if available is None:
+        schema = f" in schema {related.source.schema}" if related.source.schema else ""
+        return [
+            f"{at}.table: no table {related.source.table!r}{schema} — check the name "
+            "(and `schema:`)"
+        ]
+    listing = ", ".join(sorted(available))
+    problems = [
+        f"{at}.{key}: no column {column!r} in {related.source.table or 'the query'} "
+        f"(columns: {listing}) — fix the column name"
+        for key, column in [*(("key", k) for k in related.key), ("cursor", related.cursor)]
+        if column not in available
+    ]
+    if related.source.where and not problems:
+        src = related_from(conn, related)
+        problems += _try(
+            conn,
+            mapping,
+            f"related.{index}.where",
+            related.source.where,
+            sa.select(sa.literal(1))
+            .select_from(src)
+            .where(raw_sql(f"({related.source.where}\n)"))
+            .limit(0),
+        )
+    return problems
+
+
+def _available_columns(conn: Connection, source: Source) -> set[str] | None:
+    if source.query is not None:
+        return set(query_columns(conn, source.query))
     inspector = sa.inspect(conn)
-    table = mapping.source.table or ""
-    if not inspector.has_table(table, schema=mapping.source.schema):
+    table = source.table or ""
+    if not inspector.has_table(table, schema=source.schema):
         return None
-    return {c["name"] for c in inspector.get_columns(table, schema=mapping.source.schema)}
+    return {c["name"] for c in inspector.get_columns(table, schema=source.schema)}
 
 
 def _try(

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from etl.errors import QueryError
-from etl.model import Mapping
+from etl.model import Mapping, Related
 from etl.settings import READ
 
 Order = Literal["cursor", "key"]
@@ -65,6 +65,18 @@ def source_from(conn: Connection, mapping: Mapping) -> sa.FromClause:
     names = query_columns(conn, src.query)
     text = raw_sql(src.query).columns(*(sa.column(c) for c in names))
     return text.subquery("src")
+
+
+def related_from(conn: Connection, related: Related) -> sa.FromClause:
+    """The FROM of a `related:` entry: its table (key and cursor columns), or its query."""
+    src = related.source
+    if src.table is not None:
+        columns = sorted({*related.key, related.cursor})
+        return sa.table(src.table, *(sa.column(c) for c in columns), schema=src.schema)
+    if src.query is None:
+        raise ValueError("related entry has neither table nor query")
+    names = query_columns(conn, src.query)
+    return raw_sql(src.query).columns(*(sa.column(c) for c in names)).subquery("rel")
 
 
 def query_columns(conn: Connection, query: str) -> list[str]:
