@@ -28,12 +28,14 @@ from etl.delivery import load
 from etl.errors import SourceError, UsageError
 from etl.mapping.fields import parse_lookback
 from etl.mapping.parse import load_mappings
+from etl.mapping.schema import SCHEMA_FILE, mapping_schema_text
 from etl.model import DeliveryConfig, DiffReport, Mapping, RunReport, Secret, Shard
 from etl.run.options import Collaborators, Progress, RunOptions
 from etl.run.pipeline import run
 from etl.settings import DELIVERY, JOB, MIN_BATCH_BYTES, READ
-from etl.source import check, extract
+from etl.source import check, extract, introspect, scaffold
 from etl.source import drivers as sourcedb
+from etl.source.scaffold import Draft
 from etl.state.store import StateStore
 
 # A duration as the API takes it: "30s", "10m", "2h", "1d", seconds, or a timedelta.
@@ -201,6 +203,54 @@ def validate(
         return []
     with _source(source_url) as source:
         return check.check_source(source, mappings)
+
+
+def init(
+    *,
+    source_url: str,
+    out_dir: str | Path = JOB.mappings_dir,
+    force: bool = False,
+) -> tuple[Draft, ...]:
+    """Write mapping files for the users and workspaces tables found in the source, and
+    the mapping JSON Schema next to them (`mapping.schema.json`, for editors).
+
+    Never overwrites a file unless `force` (UsageError naming the files, before
+    anything is written). Returns the drafts written, each with its to-dos.
+    """
+    with _source(source_url) as source:
+        tables = introspect.inspect_tables(source)
+        dialect = source.dialect.name
+    drafts = scaffold.draft_mappings(tables, dialect=dialect)
+    if not drafts:
+        names = ", ".join(t.name for t in tables) or "none"
+        raise UsageError(
+            f"source {_safe_url(source_url)}: no table looks like the users table (tables: "
+            f"{names}) — write the mapping by hand from the example in docs/mappings.md"
+        )
+    out = Path(out_dir)
+    files = {out / d.filename: d.text for d in drafts}
+    files[out / SCHEMA_FILE] = mapping_schema_text()
+    existing = [str(p) for p, text in files.items() if p.exists() and p.read_text() != text]
+    if existing and not force:
+        raise UsageError(
+            f"{', '.join(existing)}: already exists — pass --force to overwrite, or --out DIR"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for path, text in files.items():
+            path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(
+            f"{out}: cannot write the mapping files ({exc.strerror}) — use --out DIR"
+        ) from None
+    return drafts
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "(the URL)"
 
 
 # ---------------------------------------------------------------- plumbing
@@ -394,6 +444,7 @@ __all__ = [
     "backfill",
     "delivery_config",
     "diff",
+    "init",
     "sync",
     "validate",
 ]

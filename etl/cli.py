@@ -33,6 +33,7 @@ from etl.errors import (
     MappingError,
     UsageError,
 )
+from etl.mapping.schema import SCHEMA_FILE, mapping_schema_text
 from etl.model import RunReport
 from etl.monitor import metrics, notify, outcome
 from etl.report import render as report
@@ -542,6 +543,38 @@ def receiver(
     rx.serve(store=store, tokens={token.reveal()}, faults=plan, host=host, port=port)
 
 
+@main.command()
+@click.option(
+    "--source",
+    "source_url",
+    envvar="ETL_SOURCE_URL",
+    metavar="URL",
+    help="Source database to introspect (SQLAlchemy URL). [env ETL_SOURCE_URL]",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default=JOB.mappings_dir,
+    show_default=True,
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write the mapping files to.",
+)
+@click.option("--force", is_flag=True, help="Overwrite mapping files that already exist.")
+@_log_format
+@_handled
+def init(source_url: str | None, out_dir: Path, force: bool) -> None:
+    """Write commented mapping files for the users and workspaces tables of the source."""
+    drafts = api.init(source_url=source_url or "", out_dir=out_dir, force=force)
+    for draft in drafts:
+        click.echo(f"wrote {out_dir / draft.filename} (from table {draft.table})")
+        for todo in draft.todo:
+            click.echo(f"  to do: {todo}")
+    click.echo(f"wrote {out_dir / SCHEMA_FILE} (for editor completion)")
+    check = f"etl validate --check-source --mappings {out_dir}"
+    click.echo(f"next: read the comments in the files, then `{check}` and `etl diff`")
+
+
 @main.group()
 def schema() -> None:
     """Print the JSON Schemas of etl's file formats, for editors and CI."""
@@ -558,9 +591,7 @@ def schema_mapping(output: Path | None) -> None:
     """The mapping file format as a JSON Schema (draft 2020-12), from the validator's own
     key definitions. Point the YAML language server at it with a first line
     `# yaml-language-server: $schema=mapping.schema.json`."""
-    from etl.mapping.schema import mapping_schema  # noqa: PLC0415
-
-    text = orjson.dumps(mapping_schema(), option=orjson.OPT_INDENT_2).decode() + "\n"
+    text = mapping_schema_text()
     if output is None:
         click.echo(text, nl=False)
     else:

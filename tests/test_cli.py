@@ -285,6 +285,7 @@ def test_max_transaction_age_is_checked_before_anything_is_read(
         ["state", "reset"],
         ["runs"],
         ["receiver"],
+        ["init"],
     ],
 )
 def test_every_command_takes_log_format(command: list[str]) -> None:

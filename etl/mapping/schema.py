@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from etl.mapping.keys import MAPPING, KeySet, Schema
 from etl.model import REQUIRED_TRAITS
 
+# The file name `etl init` writes the schema to, next to the mapping files.
+SCHEMA_FILE = "mapping.schema.json"
 SCHEMA_ID = "https://hyperengage.io/etl/mapping.schema.json"
 
 
@@ -35,6 +39,11 @@ def mapping_schema() -> dict[str, Any]:
         **root,
         "$defs": dict(sorted(definitions.items())),
     }
+
+
+def mapping_schema_text() -> str:
+    """The schema as the indented JSON text `etl schema mapping` prints and `etl init` writes."""
+    return orjson.dumps(mapping_schema(), option=orjson.OPT_INDENT_2).decode() + "\n"
 
 
 def _object(key_set: KeySet, definitions: dict[str, Any]) -> dict[str, Any]:
