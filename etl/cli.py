@@ -46,7 +46,7 @@ from etl.settings import (
     READ,
     duration_text,
 )
-from etl.state.store import StateStore
+from etl.state.store import StateStore, StreamSummary, encode_watermark
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 EXIT_CODES: tuple[tuple[type[EtlError], int], ...] = (
@@ -425,7 +425,7 @@ def state_show(state_url: str, fmt: str) -> None:
     """Per stream: watermark, records sent, pending rejects; then the rejects."""
     store = StateStore(state_url, readonly=True)
     try:
-        streams, rejects = store.summary(), store.rejected()
+        streams, rejects = [_as_stored(s) for s in store.summary()], store.rejected()
     finally:
         store.close()
     if fmt == "json":
@@ -451,6 +451,17 @@ def state_show(state_url: str, fmt: str) -> None:
                 ["stream", "key", "attempts", "last_seen", "message"],
             )
         )
+
+
+def _as_stored(summary: StreamSummary) -> dict[str, Any]:
+    """A stream as `etl state show` prints it: watermark and checkpoint in the
+    store's own lossless text (microseconds and offset kept)."""
+    shown = dataclasses.asdict(summary)
+    if summary.watermark is not None:
+        shown["watermark"] = encode_watermark(summary.watermark)[0]
+    if summary.checkpoint is not None:
+        shown["checkpoint"] = orjson.dumps(summary.checkpoint).decode()
+    return shown
 
 
 @state.command("reset")
@@ -491,14 +502,12 @@ def runs(state_url: str, limit: int, fmt: str) -> None:
         return
     table = []
     for row in rows:
-        seconds = (
-            (row["finished_at"] - row["started_at"]).total_seconds() if row["finished_at"] else None
-        )
+        seconds = (row.finished_at - row.started_at).total_seconds() if row.finished_at else None
         counts = "; ".join(
             f"{s['stream']}: {s['sent']} sent, {s['invalid']} invalid, {s['rejected']} rejected"
-            for s in row["streams"]
+            for s in row.streams
         )
-        table.append({**row, "seconds": seconds, "counts": counts or "-"})
+        table.append({**dataclasses.asdict(row), "seconds": seconds, "counts": counts or "-"})
     click.echo(
         report.render_table(
             table, ["id", "command", "started_at", "seconds", "status", "counts", "error"]

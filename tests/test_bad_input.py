@@ -153,7 +153,7 @@ import etl.delivery.load
 from etl.receiver.faults import FaultPlan
 from etl.receiver.server import RunningReceiver, start_receiver
 from etl.state.schema import SCHEMA_VERSION
-from etl.state.store import StateStore
+from etl.state.store import RunRecord, StateStore
 
 HERE = Path(__file__).resolve().parent
 CLOSED_PORT = 9  # discard: nothing listens on it on 127.0.0.1
@@ -219,9 +219,9 @@ def state_of(state_url: str) -> dict[str, Any]:
     """What the state store holds: per stream its watermark and sent keys; the runs."""
     store = StateStore(state_url, readonly=True)
     try:
-        streams = {s["stream"]: s for s in store.summary()}
+        streams = {s.stream: s for s in store.summary()}
         return {
-            "watermarks": {name: s["watermark"] for name, s in streams.items()},
+            "watermarks": {name: s.watermark for name, s in streams.items()},
             "keys": {name: set(store.sent_keys(name)) for name in streams},
             "runs": store.runs(),
             "rejected": store.rejected(),
@@ -230,9 +230,9 @@ def state_of(state_url: str) -> dict[str, Any]:
         store.close()
 
 
-def invalid_of(run: Mapping[str, Any], stream: str) -> dict[str, str]:
+def invalid_of(run: RunRecord, stream: str) -> dict[str, str]:
     """The invalid records a run listed for a stream: key -> reason."""
-    listed = next(s for s in run["streams"] if s["stream"] == stream)["invalid_records"]
+    listed = next(s for s in run.streams if s["stream"] == stream)["invalid_records"]
     return dict(listed)
 
 
@@ -772,7 +772,7 @@ def test_a_column_dropped_since_the_last_run_exits_1_naming_it_state_untouched(
     after = state_of(scene.env["ETL_STATE_URL"])
     assert after["watermarks"]["users"] == before["watermarks"]["users"]
     assert after["keys"]["users"] == before["keys"]["users"]
-    assert after["runs"][0]["status"] == "failed"
+    assert after["runs"][0].status == "failed"
 
 
 @pytest.mark.postgres
@@ -818,9 +818,8 @@ def test_a_future_dated_row_does_not_push_the_watermark_past_later_changes(
         .values(updated_at=dt.datetime(2100, 1, 1, tzinfo=dt.UTC))
     )
     assert scene.run("sync").exit_code == 0
-    watermark = dt.datetime.fromisoformat(
-        state_of(scene.env["ETL_STATE_URL"])["watermarks"]["users"]
-    )
+    watermark = state_of(scene.env["ETL_STATE_URL"])["watermarks"]["users"]
+    assert isinstance(watermark, dt.datetime)
     assert watermark <= dt.datetime.now(dt.UTC)
     scene.execute(
         users.update()
@@ -1223,7 +1222,7 @@ def test_an_unreachable_endpoint_is_retried_then_exits_1_marking_nothing_sent(
     state = state_of(scene.env["ETL_STATE_URL"])
     assert state["keys"] == {} or all(not keys for keys in state["keys"].values())
     assert state["watermarks"] == {} or all(w is None for w in state["watermarks"].values())
-    assert state["runs"][0]["status"] == "failed"
+    assert state["runs"][0].status == "failed"
     assert scene.run("sync").exit_code == 0
     assert len(scene.sent()) == 6
 
@@ -1464,7 +1463,7 @@ def test_sigterm_during_a_run_stops_cleanly_and_the_next_run_finishes(
         assert state["keys"]["users"] <= received
         assert len(received) < 300
         assert state["watermarks"].get("users") is None
-        assert state["runs"][0]["status"] == "failed"
+        assert state["runs"][0].status == "failed"
         assert run_cli(["sync"], env).exit_code == 0
         received = {e["user_id"] for e in rx.events() if e["event_type"] == "user_identify"}
         assert received == {user_id(i) for i in range(300)}

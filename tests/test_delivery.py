@@ -33,7 +33,7 @@ import etl.delivery.load
 from etl.receiver.faults import FaultPlan
 from etl.receiver.server import RunningReceiver, start_receiver
 from etl.state.schema import metadata
-from etl.state.store import StateStore
+from etl.state.store import StateStore, StreamSummary
 
 pytestmark = pytest.mark.postgres
 
@@ -167,10 +167,10 @@ def open_state(env: Mapping[str, str]) -> StateStore:
     return StateStore(env["ETL_STATE_URL"], readonly=True)
 
 
-def state_summary(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def state_summary(env: Mapping[str, str]) -> dict[str, StreamSummary]:
     store = open_state(env)
     try:
-        return {s["stream"]: s for s in store.summary()}
+        return {s.stream: s for s in store.summary()}
     finally:
         store.close()
 
@@ -404,7 +404,7 @@ def test_bisection_isolates_exactly_the_refused_records_and_later_runs_retry_the
         delivered = clean.events()
         assert sorted(e["user_id"] for e in delivered) == sorted(bad)
         assert all(e["traits"]["email"] == refused for e in delivered)
-        assert state_summary(env)["users"]["rejected"] == 0
+        assert state_summary(env)["users"].rejected == 0
         shown = json.loads(run_cli(["state", "show", "--format", "json"], env).stdout)
         assert shown["rejected"] == []
         assert run_cli(["sync"], env).exit_code == 0
@@ -428,7 +428,7 @@ def test_a_reject_reverted_or_deleted_in_the_source_leaves_the_ledger(
             .values(role="blocked", updated_at=sa.func.now()),
         )
         assert run_cli(["sync"], env).exit_code == 3
-        assert state_summary(env)["users"]["rejected"] == 3
+        assert state_summary(env)["users"].rejected == 3
         sent = len(rx.events())
         execute(
             pg_url,
@@ -487,13 +487,13 @@ def test_401_403_404_stop_the_run_at_once_with_exit_1_and_mark_nothing_sent(
     assert f"HTTP {status}: {cause}" in result.stderr
     assert [r["status"] for r in requests] == [200, status]  # stopped at once
     summary = state_summary(env)
-    assert summary["workspaces"]["records"] == 3
-    assert "users" not in summary or summary["users"]["records"] == 0
+    assert summary["workspaces"].records == 3
+    assert "users" not in summary or summary["users"].records == 0
     store = open_state(env)
     try:
         assert store.stream("users") is None
-        assert store.runs()[0]["status"] == "failed"
-        assert cause in (store.runs()[0]["error"] or "")
+        assert store.runs()[0].status == "failed"
+        assert cause in (store.runs()[0].error or "")
     finally:
         store.close()
 
@@ -507,7 +507,7 @@ def test_a_real_404_from_a_wrong_path_names_the_endpoint(tmp_path: Path, pg_url:
     assert result.exit_code == 1
     assert "HTTP 404" in result.stderr
     assert "check HYPERENGAGE_ENDPOINT" in result.stderr
-    assert all(s["records"] == 0 for s in state_summary(env).values())
+    assert all(s.records == 0 for s in state_summary(env).values())
 
 
 @pytest.mark.parametrize(
@@ -531,7 +531,7 @@ def test_a_non_json_2xx_or_a_redirect_is_an_error_and_nothing_is_marked_sent(
     assert result.exit_code == 1
     assert complaint in result.stderr
     assert len(requests) == 1
-    assert all(s["records"] == 0 for s in state_summary(env).values())
+    assert all(s.records == 0 for s in state_summary(env).values())
 
 
 @pytest.mark.parametrize(
@@ -610,7 +610,7 @@ def test_a_second_sync_or_backfill_exits_4_naming_the_holder_until_it_dies(
             assert proc.poll() is None, "the holder finished too early to prove anything"
             store = open_state(env)
             try:
-                assert [r["pid"] for r in store.runs()] == [proc.pid]  # the refused wrote none
+                assert [r.pid for r in store.runs()] == [proc.pid]  # the refused wrote none
             finally:
                 store.close()
         finally:

@@ -159,8 +159,8 @@ def test_a_wrong_token_exits_1_and_marks_nothing_as_sent(
     assert receiver.events() == []
     store = StateStore(f"sqlite:///{tmp_path / 'state.db'}", readonly=True)
     try:
-        assert all(s["records"] == 0 for s in store.summary())
-        assert store.runs()[0]["status"] == "failed"
+        assert all(s.records == 0 for s in store.summary())
+        assert store.runs()[0].status == "failed"
     finally:
         store.close()
 

@@ -92,7 +92,7 @@ def test_three_concurrent_workers_deliver_what_one_worker_would(
 
     store = StateStore(state_url, readonly=True)
     try:
-        names = {s["stream"] for s in store.summary()}
+        names = {s.stream for s in store.summary()}
     finally:
         store.close()
     assert {"users#0/3", "users#1/3", "users#2/3", "workspaces#0/3"} <= names

@@ -63,6 +63,19 @@ def test_watermark_and_fingerprint_are_saved_per_stream(store: StateStore) -> No
     assert store.stream("workspaces") is None
 
 
+def test_the_summary_reads_back_decoded_values(store: StateStore) -> None:
+    """`summary()` gives each stream's watermark and checkpoint decoded, with its counts."""
+    mark = dt.datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
+    store.save_watermark("users", mark, "fp1")
+    store.save_checkpoint("users", ["k100", 7])
+    store.commit_batch("users", [Sent("k1", "h", b"{}", "e1")], [Rejected("k2", ["k2"], "e2", "m")])
+    (users,) = store.summary()
+    assert (users.stream, users.watermark, users.checkpoint) == ("users", mark, ["k100", 7])
+    assert (users.records, users.rejected) == (1, 1)
+    assert users.updated_at is not None
+    assert users.updated_at.tzinfo is not None
+
+
 def test_a_batch_is_committed_and_looked_up_by_page(store: StateStore) -> None:
     """Acknowledged records are found by key with their hash (and payload on request)."""
     sent = [Sent(f"k{i}", f"h{i}", b'{"traits":{}}', f"e{i}") for i in range(3)]
@@ -85,7 +98,7 @@ def test_rejects_are_kept_counted_and_cleared_on_success(store: StateStore) -> N
     (row,) = store.rejected("users")
     assert (row.key, row.key_values, row.attempts) == ("k1", ("k1",), 2)
     assert row.message == "HTTP 400: still bad"
-    assert store.summary()[0]["rejected"] == 1
+    assert store.summary()[0].rejected == 1
     store.commit_batch("users", [Sent("k1", "h", b"{}", "e1")])
     assert store.rejected("users") == []
 
@@ -93,11 +106,12 @@ def test_rejects_are_kept_counted_and_cleared_on_success(store: StateStore) -> N
 def test_runs_are_recorded(store: StateStore) -> None:
     """A run is `running` until finished with its status and per-stream counts."""
     run_id = store.start_run("sync", "incremental")
-    assert store.runs()[0]["status"] == "running"
+    assert store.runs()[0].status == "running"
     store.finish_run(run_id, status="partial", streams=[{"stream": "users", "sent": 3}], error=None)
     (run,) = store.runs()
-    assert (run["status"], run["streams"]) == ("partial", [{"stream": "users", "sent": 3}])
-    assert run["finished_at"] >= run["started_at"]
+    assert (run.status, run.streams) == ("partial", [{"stream": "users", "sent": 3}])
+    assert run.finished_at is not None
+    assert run.finished_at >= run.started_at
 
 
 def test_reset_forgets_one_stream(store: StateStore) -> None:

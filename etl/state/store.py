@@ -86,7 +86,7 @@ class PendingReject:
     last_seen: dt.datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamState:
     """What the store knows of one stream."""
 
@@ -95,6 +95,37 @@ class StreamState:
     fingerprint: str | None
     checkpoint: list[Any] | None
     updated_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSummary:
+    """One stream in `etl state show`: its watermark, how many records were sent,
+    how many rejects are pending, a backfill's checkpoint."""
+
+    stream: str
+    watermark: Watermark | None
+    records: int
+    rejected: int
+    checkpoint: list[Any] | None
+    updated_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """One run in the run history (`etl runs`); `streams` holds the per-stream
+    counts and listed records it finished with."""
+
+    id: int
+    command: str
+    mode: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    status: str  # running | ok | partial | failed
+    streams: list[dict[str, Any]]
+    error: str | None
+    host: str | None
+    pid: int | None
+    shard: str | None
 
 
 def encode_watermark(value: Watermark) -> tuple[str, str]:
@@ -442,7 +473,7 @@ class StateStore:
                 )
             )
 
-    def runs(self, limit: int = 20) -> list[dict[str, Any]]:
+    def runs(self, limit: int = 20) -> list[RunRecord]:
         """The latest runs, newest first."""
         if self._engine is None:
             return []
@@ -450,16 +481,24 @@ class StateStore:
             rows = conn.execute(
                 sa.select(runs_table).order_by(runs_table.c.id.desc()).limit(limit)
             ).all()
-        out = []
-        for row in rows:
-            item = _plain_row(row)
-            item["started_at"] = _aware(item["started_at"])
-            item["finished_at"] = _aware(item["finished_at"])
-            item["streams"] = orjson.loads(item["streams"]) if item["streams"] else []
-            out.append(item)
-        return out
+        return [
+            RunRecord(
+                id=row.id,
+                command=row.command,
+                mode=row.mode,
+                started_at=_aware(row.started_at),
+                finished_at=_aware(row.finished_at),
+                status=row.status,
+                streams=orjson.loads(row.streams) if row.streams else [],
+                error=row.error,
+                host=row.host,
+                pid=row.pid,
+                shard=row.shard,
+            )
+            for row in rows
+        ]
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self) -> list[StreamSummary]:
         """Per stream: watermark, records sent, pending rejects, checkpoint."""
         if self._engine is None:
             return []
@@ -485,14 +524,14 @@ class StateStore:
         for name in names:
             row = by_name.get(name)
             out.append(
-                {
-                    "stream": name,
-                    "watermark": row.watermark if row else None,
-                    "records": counts.get(name, 0),
-                    "rejected": rejects.get(name, 0),
-                    "checkpoint": row.checkpoint if row else None,
-                    "updated_at": _aware(row.updated_at) if row else None,
-                }
+                StreamSummary(
+                    stream=name,
+                    watermark=decode_watermark(row.watermark, row.watermark_kind) if row else None,
+                    records=counts.get(name, 0),
+                    rejected=rejects.get(name, 0),
+                    checkpoint=orjson.loads(row.checkpoint) if row and row.checkpoint else None,
+                    updated_at=_aware(row.updated_at) if row else None,
+                )
             )
         return out
 
@@ -522,12 +561,6 @@ def _upsert_records(conn: Connection, stream: str, sent: Sequence[Sent], now: dt
             for s in sent
         ],
     )
-
-
-def _plain_row(row: sa.Row[Any]) -> dict[str, Any]:
-    """A row as a dict keyed by plain `str`: SQLAlchemy's `quoted_name` keys are a
-    str subclass that orjson refuses (`etl runs --format json` would crash)."""
-    return {str(name): value for name, value in row._mapping.items()}
 
 
 def _first_line(error: BaseException | None) -> str:
