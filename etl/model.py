@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
+
+import orjson
 
 from etl.settings import DELIVERY, READ
 
@@ -42,10 +45,45 @@ REQUIRED_TRAITS: dict[EventType, tuple[str, ...]] = {
 MAX_EVENT_BYTES = 32 * 1024
 
 
+# The text a shard hashes: the key's columns as text, joined by this (a character
+# no key text holds in practice; a composite key is two or more parts).
+SHARD_SEPARATOR = "\x1f"
+
+
+def key_part(value: Any) -> str:
+    """One key column's value as text: what record keys are made of, and what
+    a shard hashes (the same text PostgreSQL's `::text` and MariaDB's
+    `CAST(... AS CHAR)` give for int, bigint, text and uuid keys)."""
+    if type(value) is str and value.isascii():  # the common case, on every row read
+        return value
+    if isinstance(value, bytes | memoryview):
+        return bytes(value).hex()
+    try:
+        text = str(value)
+    except ValueError:  # an int past Python's 4,300-digit str() limit (or a list of one)
+        text = hex(value) if isinstance(value, int) else f"<{type(value).__name__}>"
+    # a lone surrogate (bad UTF-8 read from SQLite) cannot be JSON or stored: escape it
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def shard_bucket(text: str) -> int:
+    """The first 4 bytes of the MD5 of `text` (UTF-8), as an unsigned integer.
+
+    PostgreSQL and MariaDB compute the same natively (`md5()`, see
+    `etl.source.extract.shard_predicate`), SQLite through a registered function,
+    so a worker's query reads only the rows it owns. MD5 is a spreading
+    function here, not a security measure.
+    """
+    digest = hashlib.md5(text.encode("utf-8", "surrogatepass"), usedforsecurity=False).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 @dataclass(frozen=True)
 class Shard:
     """Worker `index` of `count` (`--shard I/N`, 0 <= I < N): owns the records whose
-    key hashes to `index`, with its own watermark and lock in a shared state store."""
+    key text's `shard_bucket` is `index` modulo `count`, with its own watermark and
+    lock in a shared state store. Rows with a NULL key column (invalid records)
+    belong to shard 0."""
 
     index: int
     count: int
@@ -54,10 +92,18 @@ class Shard:
     def label(self) -> str:
         return f"{self.index}/{self.count}"
 
-    def owns(self, key: str) -> bool:
-        """Stable across processes, hosts and versions (unlike Python's hash())."""
-        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        return int.from_bytes(digest, "big") % self.count == self.index
+    def owns_values(self, key_values: Sequence[Any]) -> bool:
+        """Whether this shard owns the row with these key column values."""
+        if None in key_values:
+            return self.index == 0
+        text = SHARD_SEPARATOR.join(key_part(v) for v in key_values)
+        return shard_bucket(text) % self.count == self.index
+
+    def owns(self, key: str, *, composite: bool = False) -> bool:
+        """Whether this shard owns the record key `key` (as the state stores it:
+        a composite key is a JSON array of its parts)."""
+        text = SHARD_SEPARATOR.join(orjson.loads(key)) if composite else key
+        return shard_bucket(text) % self.count == self.index
 
     @classmethod
     def parse(cls, text: str) -> Shard:

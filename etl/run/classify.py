@@ -152,9 +152,9 @@ def classify(
     for rows in pages:
         if stop is not None and stop.is_set():
             return
-        keyed = [(record_key(row[:n_keys]), row) for row in rows]
-        if shard is not None:
-            keyed = [(key, row) for key, row in keyed if shard.owns(key)]
+        # the query read only this shard's rows; a re-read by key may not have
+        owned = rows if shard is None else [r for r in rows if shard.owns_values(r[:n_keys])]
+        keyed = [(record_key(row[:n_keys]), row) for row in owned]
         if retrying:
             keyed = retries.first_sightings(keyed)
         if not keyed:

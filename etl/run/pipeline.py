@@ -338,17 +338,33 @@ def _pages(
     if plan.order == "key":
         yield from extract.prefetch(
             extract.read_pages(
-                conn, mapping, src, order="key", after=plan.checkpoint, page_size=page_size
+                conn,
+                mapping,
+                src,
+                order="key",
+                after=plan.checkpoint,
+                page_size=page_size,
+                shard=plan.shard,
             )
         )
         return
     for start in range(0, len(retry_keys), page_size):
-        rows = extract.read_keys(conn, mapping, src, retry_keys[start : start + page_size])
+        rows = extract.read_keys(
+            conn, mapping, src, retry_keys[start : start + page_size], shard=plan.shard
+        )
         if rows:
             yield rows
     lower = lower_bound(conn, mapping, plan.since, now=now) if plan.since is not None else None
     yield from extract.prefetch(
-        extract.read_pages(conn, mapping, src, order="cursor", lower=lower, page_size=page_size)
+        extract.read_pages(
+            conn,
+            mapping,
+            src,
+            order="cursor",
+            lower=lower,
+            page_size=page_size,
+            shard=plan.shard,
+        )
     )
 
 

@@ -55,7 +55,7 @@ class StreamPlan:
 
     def owns(self, key: str) -> bool:
         """Whether this worker handles the record (always, without a shard)."""
-        return self.shard is None or self.shard.owns(key)
+        return self.shard is None or self.shard.owns(key, composite=len(self.mapping.key) > 1)
 
 
 def plan_stream(

@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from etl.model import MAX_EVENT_BYTES, REQUIRED_TRAITS, Mapping, Record
+from etl.model import MAX_EVENT_BYTES, REQUIRED_TRAITS, Mapping, Record, key_part
 from etl.run.coerce import Invalid, converter
 
 # Namespace of every event_id (a fixed random UUID: ids must never change).
@@ -97,21 +97,8 @@ def to_event(payload: dict[str, Any], *, event_id: str, context: EventContext) -
 def record_key(values: Sequence[Any]) -> str:
     """The canonical text of a key: the value, or a JSON array for composite keys."""
     if len(values) == 1:
-        return _key_part(values[0])
-    return orjson.dumps([_key_part(v) for v in values]).decode()
-
-
-def _key_part(value: Any) -> str:
-    if type(value) is str and value.isascii():  # the common case, on every row read
-        return value
-    if isinstance(value, bytes | memoryview):
-        return bytes(value).hex()
-    try:
-        text = str(value)
-    except ValueError:  # an int past Python's 4,300-digit str() limit (or a list of one)
-        text = hex(value) if isinstance(value, int) else f"<{type(value).__name__}>"
-    # a lone surrogate (bad UTF-8 read from SQLite) cannot be JSON or stored: escape it
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return key_part(values[0])
+    return orjson.dumps([key_part(v) for v in values]).decode()
 
 
 def make_transformer(mapping: Mapping, context: EventContext) -> Callable[[Sequence[Any]], Record]:

@@ -22,9 +22,12 @@ from typing import Any, Literal, TypeVar
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from etl.errors import QueryError
-from etl.model import Mapping, Related
+from etl.model import SHARD_SEPARATOR, Mapping, Related, Shard, key_part, shard_bucket
 from etl.settings import READ
 
 Order = Literal["cursor", "key"]
@@ -104,6 +107,61 @@ def _columns_used(mapping: Mapping) -> set[str]:
     return used
 
 
+# ---------------------------------------------------------------- shards
+
+
+class ShardBucket(FunctionElement[int]):
+    """`model.shard_bucket` of a row's key, computed by the database: the first
+    4 bytes of the MD5 of the key's text (its columns as text, joined by
+    SHARD_SEPARATOR), unsigned. Compiled per dialect below; SQLite calls the
+    Python function `read_only` registers."""
+
+    name = "etl_shard_bucket"
+    type = sa.BigInteger()
+    inherit_cache = True
+
+
+@compiles(ShardBucket)
+def _bucket_sqlite(element: ShardBucket, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"etl_shard_bucket({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(ShardBucket, "postgresql")
+def _bucket_postgresql(element: ShardBucket, compiler: SQLCompiler, **kw: Any) -> str:
+    parts = [f"CAST({compiler.process(c, **kw)} AS TEXT)" for c in element.clauses]
+    text = parts[0] if len(parts) == 1 else f"concat_ws(chr(31), {', '.join(parts)})"
+    return f"('x' || substr(md5({text}), 1, 8))::bit(32)::bigint"
+
+
+@compiles(ShardBucket, "mysql")
+@compiles(ShardBucket, "mariadb")
+def _bucket_mysql(element: ShardBucket, compiler: SQLCompiler, **kw: Any) -> str:
+    parts = [f"CAST({compiler.process(c, **kw)} AS CHAR)" for c in element.clauses]
+    text = parts[0] if len(parts) == 1 else f"CONCAT_WS(CHAR(31 USING utf8mb4), {', '.join(parts)})"
+    # MD5 of the UTF-8 bytes, whatever the column's character set
+    return f"CAST(CONV(SUBSTRING(MD5(CONVERT({text} USING utf8mb4)), 1, 8), 16, 10) AS UNSIGNED)"
+
+
+def shard_predicate(keys: Sequence[Any], shard: Shard) -> sa.ColumnElement[bool]:
+    """The rows of `shard`: their key's bucket modulo N is I (`Shard.owns_values`
+    in SQL), so N workers each read about 1/N of a table."""
+    return (ShardBucket(*keys) % shard.count) == shard.index
+
+
+def _sqlite_bucket(*values: Any) -> int | None:
+    if None in values:
+        return None
+    return shard_bucket(SHARD_SEPARATOR.join(key_part(v) for v in values))
+
+
+def register_functions(conn: Connection) -> None:
+    """SQLite has no md5(): give this connection `etl_shard_bucket(key, ...)`."""
+    if conn.dialect.name == "sqlite":
+        driver = conn.connection.driver_connection
+        if driver is not None:
+            driver.create_function("etl_shard_bucket", -1, _sqlite_bucket, deterministic=True)
+
+
 # ---------------------------------------------------------------- queries
 
 
@@ -116,6 +174,7 @@ def build_query(
     after: Sequence[Any] | None = None,
     limit: int | None = READ.page_size,
     null_keys: bool = False,
+    shard: Shard | None = None,
 ) -> sa.Select[Any]:
     """One keyset page: rows past `after`, ordered by (cursor, key) or by key.
 
@@ -124,6 +183,7 @@ def build_query(
     NULL key column: no keyset position passes a NULL (`k > NULL` is never
     true), so one at the end of a page would hide every row after it.
     `null_keys=True` selects those rows instead (invalid records, read apart).
+    With `shard`, only that shard's rows (the ones with a NULL key: shard 0's).
     """
     keys = [src.c[k] for k in mapping.key]
     cursor = src.c[mapping.cursor] if mapping.cursor else None
@@ -142,8 +202,12 @@ def build_query(
         query = query.where(raw_sql(f"({mapping.source.where}\n)"))
     if null_keys:
         query = query.where(sa.or_(*(k.is_(None) for k in keys)))
+        if shard is not None and shard.index != 0:
+            query = query.where(sa.false())
     else:
         query = query.where(*(k.is_not(None) for k in keys))
+        if shard is not None:
+            query = query.where(shard_predicate(keys, shard))
     position = [*keys] if order == "key" else [cursor, *keys]
     if order == "cursor":
         if cursor is None:
@@ -176,12 +240,16 @@ def read_pages(
     lower: Any = None,
     after: Sequence[Any] | None = None,
     page_size: int = READ.page_size,
+    shard: Shard | None = None,
 ) -> Iterator[list[tuple[Any, ...]]]:
     """Stream the stream's rows page by page (never OFFSET, never all at once);
-    rows with a NULL key (invalid records) come last, streamed by the driver."""
+    rows with a NULL key (invalid records) come last, streamed by the driver.
+    With `shard`, only that shard's rows are read."""
     n_keys = len(mapping.key)
     while True:
-        query = build_query(mapping, src, order=order, lower=lower, after=after, limit=page_size)
+        query = build_query(
+            mapping, src, order=order, lower=lower, after=after, limit=page_size, shard=shard
+        )
         rows = _fetch_page(execute(conn, mapping, query))
         if rows:
             yield rows
@@ -189,7 +257,9 @@ def read_pages(
             break
         last = rows[-1]
         after = last[:n_keys] if order == "key" else (last[n_keys], *last[:n_keys])
-    query = build_query(mapping, src, order=order, lower=lower, limit=None, null_keys=True)
+    query = build_query(
+        mapping, src, order=order, lower=lower, limit=None, null_keys=True, shard=shard
+    )
     result = execute(conn, mapping, query.execution_options(yield_per=page_size))
     try:
         for partition in result.partitions():
@@ -255,12 +325,18 @@ def prefetch(pages: Iterator[_Page]) -> Iterator[_Page]:
 
 
 def read_keys(
-    conn: Connection, mapping: Mapping, src: sa.FromClause, keys: Sequence[Sequence[Any]]
+    conn: Connection,
+    mapping: Mapping,
+    src: sa.FromClause,
+    keys: Sequence[Sequence[Any]],
+    *,
+    shard: Shard | None = None,
 ) -> list[tuple[Any, ...]]:
-    """The rows of the given key values (to retry previously rejected records)."""
+    """The rows of the given key values (to retry previously rejected records);
+    with `shard`, only those it owns."""
     if not keys:
         return []
-    query = build_query(mapping, src, order="key", limit=None)
+    query = build_query(mapping, src, order="key", limit=None, shard=shard)
     columns = [src.c[k] for k in mapping.key]
     if len(columns) == 1:
         query = query.where(columns[0].in_([k[0] for k in keys]))
@@ -331,6 +407,7 @@ def read_only(
             "START TRANSACTION READ ONLY" + (", WITH CONSISTENT SNAPSHOT" if snapshot else "")
         )
     elif dialect == "sqlite":
+        register_functions(conn)
         conn.exec_driver_sql("PRAGMA query_only = ON")
         conn.exec_driver_sql("BEGIN")
     try:

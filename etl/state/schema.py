@@ -8,19 +8,25 @@ an older etl's store in place.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
 from etl.errors import StateError
 
+log = structlog.get_logger("etl")
+
 # 1: first release. 2: etl_records.source_hash (row digests that skip transform).
-SCHEMA_VERSION = 2
+# 3: shards own keys by MD5 (model.shard_bucket) instead of BLAKE2b: shard states
+#    restart from their stream's lowest shard watermark (_restart_moved_shards).
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -163,7 +169,7 @@ def check_schema(engine: Engine, *, shown: str, readonly: bool) -> None:
                 # two first runs at once: one creates the tables, the other waits
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": SCHEMA_KEY})
             metadata.create_all(conn)
-            _migrate(conn)
+            _migrate(conn, from_version=None if version is None else int(version))
             upsert(
                 conn,
                 meta_table,
@@ -200,12 +206,61 @@ _MIGRATED = {
 }
 
 
-def _migrate(conn: Connection) -> None:
-    """Bring a store written by an older etl up to SCHEMA_VERSION, in place."""
+def _migrate(conn: Connection, *, from_version: int | None) -> None:
+    """Bring a store written by an older etl up to SCHEMA_VERSION, in place
+    (`from_version` None: a new store, or one from before etl_meta)."""
     inspector = sa.inspect(conn)
     for (table, column), sql_type in _MIGRATED.items():
         if column not in {c["name"] for c in inspector.get_columns(table)}:
             conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+    if from_version is not None and from_version < 3:
+        _restart_moved_shards(conn)
+
+
+def _restart_moved_shards(conn: Connection) -> None:
+    """Schema 3 changed which shard owns a key (BLAKE2b -> MD5 of the key text).
+
+    A key that moved from old shard j to new shard i was delivered up to j's
+    watermark; if i's watermark is ahead of j's, i would never read that key's
+    changes made in between. So every shard state `STREAM#I/N` restarts from
+    the lowest watermark of the shards `STREAM#*/N` (none, if one never
+    finished: a first read of every row with a cursor), and its backfill
+    checkpoint is dropped (it was a position among the old keys). Re-read rows
+    that were delivered are unchanged by the diff: this costs reads, not sends.
+    """
+    groups: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+    query = sa.select(
+        streams_table.c.stream, streams_table.c.watermark, streams_table.c.watermark_kind
+    ).where(streams_table.c.stream.like("%#%/%"))
+    for name, text, kind in conn.execute(query):
+        stream, _, label = name.rpartition("#")
+        _, _, count = label.partition("/")
+        value = None if text is None else (int(text) if kind == "integer" else _aware(text))
+        groups.setdefault((stream, count), []).append((name, (text, kind, value)))
+    for (stream, _), members in groups.items():
+        values = [v for _, v in members]
+        lowest = (
+            (None, None, None)
+            if any(v[2] is None for v in values)
+            else min(values, key=lambda v: v[2])
+        )
+        conn.execute(
+            streams_table.update()
+            .where(streams_table.c.stream.in_([name for name, _ in members]))
+            .values(watermark=lowest[0], watermark_kind=lowest[1], checkpoint=None)
+        )
+        log.warning(
+            "state.shards_restarted",
+            stream=stream,
+            shards=sorted(name for name, _ in members),
+            watermark=lowest[0],
+            reason="shard ownership changed (MD5 of the key text)",
+        )
+
+
+def _aware(text: str) -> dt.datetime:
+    value = dt.datetime.fromisoformat(text)
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def upsert(conn: Connection, table: sa.Table, rows: list[dict[str, Any]], keys: list[str]) -> None:
