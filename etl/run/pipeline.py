@@ -16,6 +16,7 @@ import datetime as dt
 import re
 import time
 from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -133,6 +134,48 @@ def _run_stream(
         clear_rejects=bool(rejects),
         checkpoints=plan.backfill,
     )
+    retry_keys = [r.key_values for r in rejects if retries is not None and r.key in retries.keys]
+    read = _read(plan, retry_keys, retries, counts, ledger, options=options, io=io, bound=bound)
+    if io.stop.is_set():
+        raise StoppedError(
+            f"stream {mapping.stream}: stopped by a signal after the in-flight batches were "
+            "acknowledged; state is consistent — run the same command again to continue"
+        )
+    if not plan.dry_run:
+        settled = retries.settled() if retries is not None else []
+        if settled:
+            io.state.forget_rejects(mapping.stream, settled)
+            bound.info("rejects.settled", count=len(settled))
+        io.state.save_watermark(plan.state_name, read.horizon.value, mapping.fingerprint)
+    report = _report(plan, counts, ledger, read, seconds=time.monotonic() - started)
+    _log_done(bound, report, dry_run=plan.dry_run)
+    return report, (_diff_stream(report, read.dry) if read.dry else None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """What reading (and sending) one stream came to, besides the counts."""
+
+    horizon: Horizon
+    null_cursor: int | None  # dry run: rows an incremental sync never sees
+    stats: DeliveryStats
+    dry: DryRun | None
+
+
+def _read(
+    plan: StreamPlan,
+    retry_keys: Sequence[Sequence[Any]],
+    retries: RetriedRejects | None,
+    counts: Counts,
+    ledger: Ledger,
+    *,
+    options: RunOptions,
+    io: Collaborators,
+    bound: FilteringBoundLogger,
+) -> _Read:
+    """Read the stream in one read-only transaction, classify its rows, and send
+    them (or collect a dry run's records) before the transaction ends."""
+    mapping = plan.mapping
     with (
         io.source.connect() as conn,
         extract.read_only(conn, snapshot=not plan.backfill, timezone=mapping.timezone),
@@ -142,22 +185,18 @@ def _run_stream(
         _note_limits(horizon, io=io, bound=bound)
         total = extract.estimate_rows(conn, mapping, src) if io.progress else None
         null_cursor = extract.count_null_cursors(conn, mapping, src) if plan.dry_run else None
-        retry_keys = [
-            r.key_values for r in rejects if retries is not None and r.key in retries.keys
-        ]
+        pages = _pages(
+            conn,
+            mapping,
+            src,
+            plan=plan,
+            now=horizon.clock,
+            retry_keys=retry_keys,
+            page_size=options.page_size,
+        )
         # closing(): whatever happens below, the prefetch thread is stopped (and
         # off the connection) before the read-only transaction is rolled back.
-        with contextlib.closing(
-            _pages(
-                conn,
-                mapping,
-                src,
-                plan=plan,
-                now=horizon.clock,
-                retry_keys=retry_keys,
-                page_size=options.page_size,
-            )
-        ) as pages:
+        with contextlib.closing(pages):
             classified = classify(
                 pages,
                 plan=plan,
@@ -170,18 +209,15 @@ def _run_stream(
             if io.progress:
                 classified = _reported(classified, counts, io.progress, mapping.stream, total)
             dry, stats = _act(classified, plan=plan, ledger=ledger, options=options, io=io)
-    if io.stop.is_set():
-        raise StoppedError(
-            f"stream {mapping.stream}: stopped by a signal after the in-flight batches were "
-            "acknowledged; state is consistent — run the same command again to continue"
-        )
-    if not plan.dry_run:
-        settled = retries.settled() if retries is not None else []
-        if settled:
-            io.state.forget_rejects(mapping.stream, settled)
-            bound.info("rejects.settled", count=len(settled))
-        io.state.save_watermark(plan.state_name, horizon.value, mapping.fingerprint)
-    report = StreamReport(
+    return _Read(horizon=horizon, null_cursor=null_cursor, stats=stats, dry=dry)
+
+
+def _report(
+    plan: StreamPlan, counts: Counts, ledger: Ledger, read: _Read, *, seconds: float
+) -> StreamReport:
+    """The stream's canonical summary (SPEC §3)."""
+    mapping, stats = plan.mapping, read.stats
+    return StreamReport(
         stream=mapping.stream,
         event_type=mapping.event_type,
         read=counts.read,
@@ -193,16 +229,14 @@ def _run_stream(
         sent=stats.sent,
         batches=stats.batches,
         retries=stats.retries,
-        gone=dry.gone if dry else 0,
-        null_cursor=null_cursor,
-        watermark=_iso(horizon.value),
-        seconds=time.monotonic() - started,
+        gone=read.dry.gone if read.dry else 0,
+        null_cursor=read.null_cursor,
+        watermark=_iso(read.horizon.value),
+        seconds=seconds,
         full=plan.full,
         invalid_records=tuple(counts.invalid_records),
         rejected_records=tuple(ledger.rejected_records),
     )
-    _log_done(bound, report, dry_run=plan.dry_run)
-    return report, (_diff_stream(report, dry) if dry else None)
 
 
 def _plan(
