@@ -101,6 +101,7 @@ def backfill(
     streams: Sequence[str] | None = None,
     force: bool = False,
     restart: bool = False,
+    since: str | None = None,
     page_size: int = READ.page_size,
     shard: str | Shard | None = None,
     max_transaction_age: Duration = READ.max_transaction_age,
@@ -116,7 +117,8 @@ def backfill(
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> RunReport:
-    """Full historical load, resumable from the last acknowledged page."""
+    """Full historical load, resumable from the last acknowledged page; track
+    streams send their history once (`since`: 90d, 12h or a date; `force`: again)."""
     mappings = load_mappings(Path(mappings_dir), streams=streams)
     delivery = delivery_config(
         endpoint=endpoint,
@@ -133,6 +135,7 @@ def backfill(
         mode="backfill",
         force=force,
         restart=restart,
+        since=since or None,
         page_size=page_size,
         shard=parse_shard(shard),
         max_transaction_age=parse_age(max_transaction_age),

@@ -362,12 +362,21 @@ def sync(dry_run: bool, **kw: Any) -> None:
 @_monitoring
 @click.option("--force", is_flag=True, help="Send records even when unchanged since last sent.")
 @click.option("--restart", is_flag=True, help="Ignore the saved checkpoint and start over.")
+@click.option(
+    "--since",
+    envvar="ETL_SINCE",
+    metavar="DURATION|DATE",
+    help="Track streams: send history only this far back (90d, 12h, 2024-01-31); "
+    "default all of it. [env ETL_SINCE]",
+)
 @_handled
 def backfill(**kw: Any) -> None:
     """Full historical load of every stream, resumable after a crash or Ctrl-C.
 
     Rows with a NULL cursor are included. When it finishes, the nightly `sync`
-    carries on from the safe horizon taken at its start.
+    carries on from the safe horizon taken at its start. Track streams send
+    their history (below where their first sync started) once; a second
+    backfill of them needs --force.
     """
     with _stop_on_signals() as stop, _progress() as progress:
         run = _monitored(

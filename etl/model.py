@@ -18,6 +18,10 @@ import orjson
 from etl.settings import DELIVERY, READ
 
 EventType = Literal["user_identify", "account_identify"]
+# SPEC §10: identify streams (the default) send traits; track streams send one
+# event per row of an append-only table.
+StreamKind = Literal["identify", "track"]
+STREAM_KINDS: tuple[StreamKind, ...] = ("identify", "track")
 TraitType = Literal["text", "number", "integer", "boolean", "datetime", "date", "string_array"]
 FieldKind = Literal["column", "sql", "const"]
 ChangeKind = Literal["new", "changed", "unchanged", "invalid"]
@@ -27,6 +31,8 @@ Watermark = dt.datetime | int
 Ref = TypeVar("Ref")
 
 EVENT_TYPES: tuple[EventType, ...] = ("account_identify", "user_identify")
+# What `event_type` reads in reports for a track stream whose names come from the rows.
+PER_ROW_EVENT_TYPE = "(per row)"
 TRAIT_TYPES: tuple[TraitType, ...] = (
     "text",
     "number",
@@ -200,12 +206,26 @@ class Related:
 
 
 @dataclass(frozen=True)
+class Track:
+    """What only a track stream has (SPEC §10): where each event's name and time
+    come from. `name` is a constant (`kind="const"`), a column or a SQL expression."""
+
+    name: Field
+    timestamp: Field
+
+
+@dataclass(frozen=True)
 class Mapping:
-    """One validated mapping file: how rows of one source become events of one type."""
+    """One validated mapping file: how rows of one source become events.
+
+    An identify stream (`track` is None) sends `event_type` events with
+    `traits`; a track stream sends one event per key, named by `track.name`,
+    whose `traits` are the event's properties.
+    """
 
     stream: str
     path: str
-    event_type: EventType
+    event_type: str  # an EventType; for a track stream its constant name or PER_ROW_EVENT_TYPE
     source: Source
     key: tuple[str, ...]
     cursor: str | None
@@ -222,6 +242,11 @@ class Mapping:
     on_gone: tuple[tuple[str, Any], ...] = ()  # (trait, value) pairs; () means no on_gone
     # sha256 over the normalised definition: a change forces a full diff (SPEC §5).
     fingerprint: str = ""
+    track: Track | None = None
+
+    @property
+    def kind(self) -> StreamKind:
+        return "identify" if self.track is None else "track"
 
     @property
     def id_fields(self) -> tuple[Field, ...]:
@@ -230,10 +255,17 @@ class Mapping:
         return (self.user_id, self.account_id, *optional)
 
     @property
+    def track_fields(self) -> tuple[Field, ...]:
+        """A track stream's event name and timestamp fields (named `event_type`
+        and `timestamp`); none for an identify stream."""
+        return (self.track.name, self.track.timestamp) if self.track else ()
+
+    @property
     def selected_fields(self) -> tuple[Field, ...]:
         """The fields the database computes, in the order extract selects them:
-        id fields, then traits; constants are filled in by transform."""
-        return tuple(f for f in (*self.id_fields, *self.traits) if f.kind != "const")
+        id fields, track fields, then traits; constants are filled in by transform."""
+        fields = (*self.id_fields, *self.track_fields, *self.traits)
+        return tuple(f for f in fields if f.kind != "const")
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +368,7 @@ class StreamReport:
     """The canonical summary of one stream in one run (SPEC §3 `stream.done`)."""
 
     stream: str
-    event_type: EventType
+    event_type: str
     read: int = 0
     new: int = 0
     changed: int = 0
@@ -351,6 +383,8 @@ class StreamReport:
     watermark: str | None = None
     seconds: float = 0.0
     full: bool = False
+    # track streams: events whose time is later than the run's clock (sent as they are)
+    future: int = 0
     # (key, reason) of every invalid and rejected record, for the run record
     invalid_records: tuple[tuple[str, str], ...] = ()
     rejected_records: tuple[tuple[str, str], ...] = ()
@@ -388,6 +422,8 @@ class DiffRecord:
     traits: dict[str, Any] = field(default_factory=dict)
     changes: dict[str, dict[str, Any]] = field(default_factory=dict)  # {trait: {"old", "new"}}
     reason: str | None = None
+    # track streams: the event's name, utc_time and ids (properties are in `traits`)
+    event: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -395,10 +431,11 @@ class DiffStream:
     """One stream of a dry run: its counts and the records that would change."""
 
     stream: str
-    event_type: EventType
+    event_type: str
     counts: dict[str, int]  # read, new, changed, unchanged, invalid, gone
     records: tuple[DiffRecord, ...]
     truncated: int = 0  # records left out by --limit
+    kind: StreamKind = "identify"
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,14 @@ MALFORMED = [
         id="number id",
     ),
     pytest.param(
-        array(user(), changed(event_type="track")), "event 1: event_type must be", id="event_type"
+        array(user(), changed(event_type="invoice_paid")),
+        "event 1: properties must be an object, not null",
+        id="track event without properties",
+    ),
+    pytest.param(
+        array(user(), changed(event_type=" ")),
+        "event 1: field 'event_type' must not be empty",
+        id="empty event_type",
     ),
     pytest.param(
         array(user(), changed(src="web")), "event 1: field 'src' must be 'hyperengage'", id="src"

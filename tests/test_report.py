@@ -161,7 +161,7 @@ def test_json_round_trips_with_the_stable_schema(report: DiffReport) -> None:
     """The JSON output parses with json and orjson to the documented structure."""
     out = render_diff(report, format="json")
     assert out.endswith("}\n")
-    assert out.startswith('{\n  "schema_version": 1,\n  "mode": "incremental"')
+    assert out.startswith('{\n  "schema_version": 2,\n  "mode": "incremental"')
     data = json.loads(out)
     assert data == orjson.loads(out)
     assert data == diff_to_dict(report)
@@ -193,7 +193,7 @@ def test_json_key_order_is_stable(report: DiffReport) -> None:
     data = json.loads(render_diff(report, format="json"))
     assert list(data) == ["schema_version", "mode", "streams"]
     stream = data["streams"][0]
-    assert list(stream) == ["stream", "event_type", "counts", "records", "truncated"]
+    assert list(stream) == ["stream", "kind", "event_type", "counts", "records", "truncated"]
     assert list(stream["counts"]) == [
         "read",
         "new",

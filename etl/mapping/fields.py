@@ -350,20 +350,29 @@ def valid_stream(data: dict[Any, Any], path: str, problems: Problems) -> str | N
     return None
 
 
-def valid_traits(
-    value: object, event_type: EventType | None, problems: Problems
-) -> tuple[Field, ...]:
-    """`traits:` -> Fields in file order; also reports unmapped required traits."""
+def valid_traits_like(value: object, key: str, problems: Problems) -> tuple[Field, ...]:
+    """`traits:` (or a track stream's `properties:`) -> Fields in file order."""
     if not isinstance(value, dict) or not value:
         got = f"must be a mapping, got {describe(value)}" if value else "is empty"
-        problems.add("traits", got, "map trait names to columns, e.g. `name: COLUMN`")
+        problems.add(key, got, f"map {key} names to columns, e.g. `name: COLUMN`")
         value = {}
     fields = []
     for name, spec in value.items():
         if not isinstance(name, str) or not name.strip() or "\0" in name:
-            problems.add(f"traits.{name}", f"{describe(name)} is not a trait name", "quote it")
-        elif field := valid_field(spec, name, f"traits.{name}", problems):
+            what = "trait" if key == "traits" else "property"
+            problems.add(f"{key}.{name}", f"{describe(name)} is not a {what} name", "quote it")
+        elif field := valid_field(spec, name, f"{key}.{name}", problems):
             fields.append(field)
+    return tuple(fields)
+
+
+def valid_traits(
+    value: object, event_type: EventType | None, problems: Problems
+) -> tuple[Field, ...]:
+    """`traits:` -> Fields in file order; also reports unmapped required traits."""
+    fields = valid_traits_like(value, "traits", problems)
+    if not isinstance(value, dict):
+        value = {}
     missing = (
         [name for name in REQUIRED_TRAITS[event_type] if name not in value] if event_type else []
     )
@@ -374,7 +383,7 @@ def valid_traits(
             f"{event_type} requires {names}, not mapped here",
             f"add e.g. `{missing[0]}: COLUMN` under traits",
         )
-    return tuple(fields)
+    return fields
 
 
 # --- SPEC §9: related tables, full reads, gone records ----------------------------

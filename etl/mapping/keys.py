@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from etl.model import EVENT_TYPES, TRAIT_TYPES
+from etl.model import STREAM_KINDS, TRAIT_TYPES
 
 # A JSON Schema fragment, possibly holding KeySets (see the module docstring).
 Schema = dict[str, Any]
@@ -171,12 +171,15 @@ ON_GONE = KeySet(
 
 MAPPING = KeySet(
     name="mapping",
-    doc="One etl mapping file: one stream of identify events (SPEC §4).",
+    doc="One etl mapping file: one stream of identify events (SPEC §4), or of track events "
+    "with `kind: track` (SPEC §10).",
     keys=(
         Key(
             "event_type",
-            {"enum": list(EVENT_TYPES)},
-            "user_identify or account_identify",
+            # narrowed by kind in etl.mapping.schema: identify names, or a track event's name
+            {"oneOf": [_TEXT, FIELD]},
+            "user_identify or account_identify; for kind: track the event's name, or "
+            "{column: ...} / {sql: ...} for a name per row",
             missing_fix="add event_type: user_identify or event_type: account_identify",
         ),
         Key(
@@ -239,8 +242,35 @@ MAPPING = KeySet(
             "a sync becomes a full read when the last one is older than this; default 7d",
         ),
         Key("on_gone", ON_GONE, "sent once for a record sent before and now gone"),
+        Key(
+            "kind",
+            {"enum": list(STREAM_KINDS)},
+            "identify (the default) or track: one event per row of an append-only table",
+        ),
+        Key("timestamp", _VALUE, "kind: track: when the event happened, sent as utc_time"),
+        Key(
+            "properties",
+            {"type": "object", "additionalProperties": _VALUE},
+            "kind: track: property name -> value source, the rules of traits",
+        ),
     ),
 )
+
+# What a track stream needs instead of MAPPING.required (SPEC §10), each with its fix;
+# `traits` it may not have (it has `properties`).
+TRACK_REQUIRED: dict[str, str] = {
+    "event_type": "add event_type: NAME (e.g. invoice_paid), "
+    "or {column: COLUMN} for a name per row",
+    "source": MAPPING.required["source"],
+    "key": "add key: COLUMN (or a list of columns) that identifies one event",
+    "cursor": "add cursor: COLUMN that is set when the row is written and never moves "
+    "(a creation time or a growing id)",
+    "timestamp": "add timestamp: COLUMN holding when the event happened (sent as utc_time)",
+    "user_id": "add user_id: COLUMN holding the id of the user who did it",
+    "account_id": "add account_id: COLUMN holding the account (workspace) id",
+}
+# The keys only a track stream may have.
+TRACK_ONLY = ("timestamp", "properties")
 
 # Every key set, for the schema's definitions and the agreement test.
 KEY_SETS: tuple[KeySet, ...] = (MAPPING, SOURCE, FIELD, RELATED, ON_GONE)

@@ -40,15 +40,26 @@ from etl.mapping.fields import (
     valid_timezone,
     valid_traits,
 )
-from etl.mapping.keys import MAPPING
+from etl.mapping.keys import MAPPING, TRACK_REQUIRED
+from etl.mapping.track import not_track, valid_properties, valid_track
 from etl.mapping.yaml12 import DuplicateKey, MappingLoader
-from etl.model import EVENT_TYPES, EventType, Mapping
+from etl.model import (
+    EVENT_TYPES,
+    PER_ROW_EVENT_TYPE,
+    STREAM_KINDS,
+    EventType,
+    Mapping,
+    Related,
+    StreamKind,
+    Track,
+)
 from etl.settings import READ
 
 # The public API, with the names that moved to etl.mapping.yaml12 and etl.mapping.fields.
 
 
 _EVENT_TYPES: dict[str, EventType] = {name: name for name in EVENT_TYPES}
+_KINDS: dict[str, StreamKind] = {kind: kind for kind in STREAM_KINDS}
 
 
 def mapping_fingerprint(mapping: Mapping) -> str:
@@ -67,19 +78,33 @@ def mapping_fingerprint(mapping: Mapping) -> str:
     if not definition["related"]:
         del definition["related"]
     definition["traits"] = sorted(definition["traits"], key=lambda trait: trait["name"])
+    if definition["track"] is None:
+        # identify streams: the same fingerprint as before track streams existed
+        del definition["track"]
     canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _build(data: dict[Any, Any], problems: Problems) -> Mapping | None:
     """A file's top-level mapping -> Mapping, or None when `problems` got any."""
+    kind = choice(data["kind"], _KINDS, "kind", problems) if "kind" in data else "identify"
+    # keys of the other kind are known: not_track / valid_track say why they do not apply
     check_keys(data, MAPPING, "", problems)
-    for name, fix in REQUIRED.items():
+    required = TRACK_REQUIRED if kind == "track" else REQUIRED
+    for name, fix in required.items():
         if name not in data:
             problems.add(name, "is missing", fix)
+    if kind == "identify":
+        not_track(data, problems)
     stream = valid_stream(data, problems.path, problems)
-    event_type = None
-    if "event_type" in data:
+    event_type: str | None = None
+    track: Track | None = None
+    if kind == "track":
+        track = valid_track(data, problems)
+        if track is not None:
+            const = track.name.kind == "const"
+            event_type = str(track.name.value) if const else PER_ROW_EVENT_TYPE
+    elif "event_type" in data:
         event_type = choice(data["event_type"], _EVENT_TYPES, "event_type", problems)
     source = valid_source(data["source"], problems) if "source" in data else None
     key = valid_key(data["key"], problems) if "key" in data else None
@@ -94,15 +119,23 @@ def _build(data: dict[Any, Any], problems: Problems) -> Mapping | None:
         if name in data and (data[name] is not None or name in REQUIRED)
     }
     user_id, account_id = ids.get("user_id"), ids.get("account_id")
-    traits = valid_traits(data["traits"], event_type, problems) if "traits" in data else ()
-    related = valid_related(data.get("related"), key, lookback or 0.0, problems)
-    full_every = valid_full_every(
-        data.get("full_every", READ.full_every_seconds), READ.full_every_seconds, problems
-    )
-    on_gone = valid_on_gone(data.get("on_gone"), event_type, problems)
+    related: tuple[Related, ...] = ()
+    full_every: float | None = None  # track streams: never (valid_track refuses the keys)
+    on_gone: tuple[tuple[str, Any], ...] = ()
+    if kind == "track":
+        traits = valid_properties(data.get("properties"), problems)
+    else:
+        identify_type = _EVENT_TYPES.get(event_type or "")
+        traits = valid_traits(data["traits"], identify_type, problems) if "traits" in data else ()
+        related = valid_related(data.get("related"), key, lookback or 0.0, problems)
+        full_every = valid_full_every(
+            data.get("full_every", READ.full_every_seconds), READ.full_every_seconds, problems
+        )
+        on_gone = valid_on_gone(data.get("on_gone"), identify_type, problems)
     # A None below always came with a problem; the checks narrow the types.
     if (
         problems.items
+        or kind is None
         or stream is None
         or event_type is None
         or source is None
@@ -130,6 +163,7 @@ def _build(data: dict[Any, Any], problems: Problems) -> Mapping | None:
         related=related,
         full_every_seconds=full_every,
         on_gone=on_gone,
+        track=track,
     )
     return dataclasses.replace(mapping, fingerprint=mapping_fingerprint(mapping))
 
@@ -224,7 +258,8 @@ _DIRECTORY_FIX = "pass --mappings DIR or set ETL_MAPPINGS"
 
 
 def load_mappings(directory: Path, *, streams: Sequence[str] | None = None) -> list[Mapping]:
-    """Every mapping in `directory`: account streams first, then user streams, each by name.
+    """Every mapping in `directory`: account streams first, then user streams, then
+    track streams, each by name.
 
     `streams` (None or empty: all) keeps only those streams. Raises MappingError
     with every problem of every file, those between files (one stream name in
@@ -242,9 +277,15 @@ def load_mappings(directory: Path, *, streams: Sequence[str] | None = None) -> l
     if problems:
         raise MappingError(problems)
     chosen = [o.mapping for o in parsed if o.mapping and (not streams or o.stream in streams)]
-    # Accounts first: a user event may name an account the API should already know.
+    # Accounts first: a user event may name an account the API should already know;
+    # track streams last, so the users and accounts they name exist (SPEC §10).
     return sorted(
-        chosen, key=lambda mapping: (mapping.event_type != "account_identify", mapping.stream)
+        chosen,
+        key=lambda mapping: (
+            mapping.track is not None,
+            mapping.event_type != "account_identify",
+            mapping.stream,
+        ),
     )
 
 

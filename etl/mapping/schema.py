@@ -12,8 +12,8 @@ from typing import Any
 
 import orjson
 
-from etl.mapping.keys import MAPPING, KeySet, Schema
-from etl.model import REQUIRED_TRAITS
+from etl.mapping.keys import MAPPING, TRACK_ONLY, TRACK_REQUIRED, KeySet, Schema
+from etl.model import EVENT_TYPES, REQUIRED_TRAITS
 
 # The file name `etl init` writes the schema to, next to the mapping files.
 SCHEMA_FILE = "mapping.schema.json"
@@ -24,13 +24,36 @@ def mapping_schema() -> dict[str, Any]:
     """The JSON Schema of one mapping file."""
     definitions: dict[str, Any] = {}
     root = _object(MAPPING, definitions)
-    # SPEC §2: traits the API requires per event type; the validator checks the same table.
+    # The keys each kind requires (SPEC §4, §10): checked by the branch of the kind.
+    root["required"] = [name for name in root["required"] if name in TRACK_REQUIRED]
+    identify = [name for name in MAPPING.required if name not in TRACK_REQUIRED]
+    track_only: dict[str, Any] = dict.fromkeys(TRACK_ONLY, False)
     root["allOf"] = [
         {
-            "if": {"properties": {"event_type": {"const": event_type}}, "required": ["event_type"]},
-            "then": {"properties": {"traits": {"required": list(required)}}},
-        }
-        for event_type, required in REQUIRED_TRAITS.items()
+            "if": {"properties": {"kind": {"const": "track"}}, "required": ["kind"]},
+            "then": {
+                "required": [n for n in TRACK_REQUIRED if n not in root["required"]],
+                "properties": {
+                    "traits": False,
+                    "event_type": {"not": {"enum": list(EVENT_TYPES)}},
+                },
+            },
+            "else": {
+                "required": identify,
+                "properties": {"event_type": {"enum": list(EVENT_TYPES)}, **track_only},
+            },
+        },
+        # SPEC §2: traits the API requires per event type; the validator checks the same table.
+        *(
+            {
+                "if": {
+                    "properties": {"event_type": {"const": event_type}},
+                    "required": ["event_type"],
+                },
+                "then": {"properties": {"traits": {"required": list(required)}}},
+            }
+            for event_type, required in REQUIRED_TRAITS.items()
+        ),
     ]
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",

@@ -1,11 +1,12 @@
-"""The real Hyperengage server's verdict on one event POST, copied (SPEC §2, §3).
+"""The real Hyperengage server's verdict on one event POST, copied (SPEC §2, §3, §10).
 
 An unknown token is a 401; a body that is not a JSON array or object, empty,
 or over 51,200 bytes per event is a whole-request 400; the first event that
-breaks SPEC §2 makes a 400; a `null` element a 500 after the events before it
-were kept. A fault plan's `reject_events_where` refuses events the same way.
-Pure: `judge()` returns the answer and the events to store; the receiver
-serves and stores them.
+breaks SPEC §2 makes a 400 (an `event_type` other than the two identify names
+is a track event, which needs a `properties` object, as Jitsu takes it); a
+`null` element a 500 after the events before it were kept. A fault plan's
+`reject_events_where` refuses events the same way. Pure: `judge()` returns the
+answer and the events to store; the receiver serves and stores them.
 """
 
 from __future__ import annotations
@@ -139,14 +140,27 @@ def _event_problem(event: Any) -> str | None:
             return f"field '{name}' must be a string, not {_json_type(event[name])}"
         if name in NON_EMPTY_FIELDS and not event[name]:
             return f"field '{name}' must not be empty"
-    if event["event_type"] not in EVENT_TYPES:
-        return f"event_type must be one of {', '.join(EVENT_TYPES)}, not {event['event_type']!r}"
+    if not event["event_type"].strip():
+        return "field 'event_type' must not be empty"
     for name, expected in CONSTANT_FIELDS.items():
         if event[name] != expected:
             return f"field '{name}' must be {expected!r}, not {event[name]!r}"
     if "url" in event and not isinstance(event["url"], str):
         return f"field 'url' must be a string, not {_json_type(event['url'])}"
+    if event["event_type"] not in EVENT_TYPES:
+        return _track_problem(event)
     return _traits_problem(event["event_type"], event.get("traits"))
+
+
+def _track_problem(event: dict[str, Any]) -> str | None:
+    """A track event (any other name, as Jitsu takes it): `properties` an object,
+    `utc_time` (when it happened) text when present."""
+    properties = event.get("properties")
+    if not isinstance(properties, dict):
+        return f"properties must be an object, not {_json_type(properties)}"
+    if "utc_time" in event and not isinstance(event["utc_time"], str):
+        return f"field 'utc_time' must be a string, not {_json_type(event['utc_time'])}"
+    return None
 
 
 def _traits_problem(event_type: Any, traits: Any) -> str | None:

@@ -39,10 +39,14 @@ CREATE INDEX IF NOT EXISTS events_event_id ON events (event_id);
 _REQUEST_COLUMNS = ("id", "received_at", "status", "n_events", "n_bytes", "fault")
 
 
-def _event_columns(event: dict[str, Any]) -> tuple[str, ...]:
-    """The indexed columns of an accepted event, then its JSON body."""
+def _event_columns(event: dict[str, Any], received_at: str) -> tuple[str, ...]:
+    """The indexed columns of an accepted event, then its JSON body. A `_timestamp`
+    the client sent is overwritten with the receive time, as Jitsu does: the time
+    an event happened travels as `utc_time`. (The receive time of every event is
+    in its own column, so bodies stay as sent otherwise.)"""
     keys = ("event_id", "event_type", "user_id", "account_id")
-    return (*(event[key] for key in keys), orjson.dumps(event).decode())
+    stored = {**event, "_timestamp": received_at} if "_timestamp" in event else event
+    return (*(event[key] for key in keys), orjson.dumps(stored).decode())
 
 
 def _load_events(conn: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -79,7 +83,7 @@ class Store:
             self._conn.executemany(
                 "INSERT INTO events (request_id, received_at, event_id, event_type, user_id,"
                 " account_id, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(cursor.lastrowid, now, *_event_columns(e)) for e in verdict.accepted],
+                [(cursor.lastrowid, now, *_event_columns(e, now)) for e in verdict.accepted],
             )
 
     def events(self) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from etl.model import DiffReport, DiffStream
+from etl.model import DiffRecord, DiffReport, DiffStream
 
 COUNT_KEYS: Final = ("read", "new", "changed", "unchanged", "invalid", "gone", "null_cursor")
 SUMMARY_KEYS: Final = ("new", "changed", "invalid", "unchanged", "gone")
@@ -55,3 +55,18 @@ def more_note(stream: DiffStream) -> str:
 
 def side(change: Mapping[str, Any], which: str) -> Any:
     return change.get(which, ABSENT)
+
+
+def event_line(record: DiffRecord) -> str:
+    """A track event's name, time and ids on one line (empty for identify records):
+    `invoice_paid at 2024-05-01T10:00:00Z · user u-1 · account w-1`."""
+    event = record.event
+    if not event:
+        return ""
+    parts = [f"{event.get('event_type', '')} at {event.get('utc_time', '')}"]
+    parts += [f"user {event.get('user_id', '')}", f"account {event.get('account_id', '')}"]
+    if event.get("anonymous_id"):
+        parts.append(f"anonymous {event['anonymous_id']}")
+    if event.get("url"):
+        parts.append(f"url {event['url']}")
+    return plain(" · ".join(parts))

@@ -17,6 +17,7 @@ from etl.report.common import (
     SUMMARY_KEYS,
     count_phrase,
     counts,
+    event_line,
     more_note,
     plain,
     show,
@@ -158,11 +159,15 @@ _HTML_BODY: Final[dict[str, Callable[[DiffRecord], str]]] = {
 
 
 def _html_card(record: DiffRecord) -> str:
+    # a track event: its name, time and ids (and why a change is not sent) first
+    event = f'<p class="meta">{_h(event_line(record))}</p>' if record.event else ""
+    if record.event and record.kind == "changed" and record.reason:
+        event += f'<p class="reason">{_h(record.reason)}</p>'
     return (
         f'<article class="card {record.kind}"><header>'
         f'<span class="badge {record.kind}">{record.kind}</span>'
         f'<code class="key">{_h(record.key)}</code></header>'
-        f"{_HTML_BODY[record.kind](record)}</article>"
+        f"{event}{_HTML_BODY[record.kind](record)}</article>"
     )
 
 

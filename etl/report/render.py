@@ -23,6 +23,7 @@ from etl.report.common import (
     SUMMARY_KEYS,
     count_phrase,
     counts,
+    event_line,
     more_note,
     plain,
     show,
@@ -32,7 +33,8 @@ from etl.report.common import (
 from etl.report.html import render_html
 
 FORMATS: Final = ("text", "json", "markdown", "html")
-SCHEMA_VERSION: Final = 1
+# 2: track streams (SPEC §10): any event_type, a stream's `kind`, a record's `event`.
+SCHEMA_VERSION: Final = 2
 KINDS: Final = ("new", "changed", "invalid", "gone")
 # Summaries lead with what would be sent, then the rest; `read` closes the line.
 GONE_NOTE: Final = "(sent before, no longer in the source; the API cannot delete)"
@@ -54,7 +56,9 @@ DIFF_JSON_SCHEMA: Final[dict[str, Any]] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "etl diff report",
     "description": "What `etl diff --format json` prints: per stream, the records a sync would "
-    "send. In `changes`, a side is left out when the trait is absent on that side.",
+    "send. In `changes`, a side is left out when the trait is absent on that side. A track "
+    "stream's records carry their properties in `traits` and the event's name, time and ids "
+    "in `event`.",
     "type": "object",
     "required": ["schema_version", "mode", "streams"],
     "additionalProperties": False,
@@ -66,11 +70,12 @@ DIFF_JSON_SCHEMA: Final[dict[str, Any]] = {
     "$defs": {
         "stream": {
             "type": "object",
-            "required": ["stream", "event_type", "counts", "records", "truncated"],
+            "required": ["stream", "kind", "event_type", "counts", "records", "truncated"],
             "additionalProperties": False,
             "properties": {
                 "stream": {"type": "string"},
-                "event_type": {"enum": ["user_identify", "account_identify"]},
+                "kind": {"enum": ["identify", "track"]},
+                "event_type": {"type": "string", "minLength": 1},
                 "counts": {
                     "type": "object",
                     "required": list(COUNT_KEYS),
@@ -91,6 +96,23 @@ DIFF_JSON_SCHEMA: Final[dict[str, Any]] = {
                 "traits": {"type": "object", "additionalProperties": _VALUE},
                 "changes": {"type": "object", "additionalProperties": {"$ref": "#/$defs/change"}},
                 "reason": {"type": ["string", "null"]},
+                "event": {"$ref": "#/$defs/event"},
+            },
+        },
+        "event": {
+            "type": "object",
+            "required": ["event_type", "utc_time", "user_id", "account_id"],
+            "additionalProperties": False,
+            "properties": {
+                name: {"type": "string"}
+                for name in (
+                    "event_type",
+                    "utc_time",
+                    "user_id",
+                    "account_id",
+                    "anonymous_id",
+                    "url",
+                )
             },
         },
         "change": {
@@ -163,6 +185,7 @@ def diff_to_dict(report: DiffReport, *, redact: bool = False) -> dict[str, Any]:
 def _stream_to_dict(stream: DiffStream) -> dict[str, Any]:
     return {
         "stream": stream.stream,
+        "kind": stream.kind,
         "event_type": stream.event_type,
         "counts": counts(stream),
         "records": [_record_to_dict(record) for record in stream.records],
@@ -171,7 +194,7 @@ def _stream_to_dict(stream: DiffStream) -> dict[str, Any]:
 
 
 def _record_to_dict(record: DiffRecord) -> dict[str, Any]:
-    return {
+    out = {
         "key": record.key,
         "kind": record.kind,
         "traits": dict(record.traits),
@@ -181,6 +204,9 @@ def _record_to_dict(record: DiffRecord) -> dict[str, Any]:
         },
         "reason": record.reason,
     }
+    if record.event:
+        out["event"] = dict(record.event)
+    return out
 
 
 def _render_json(report: DiffReport) -> str:
@@ -198,7 +224,8 @@ def _paint(text: str, style: str, color: bool) -> str:
 
 def _text_new(record: DiffRecord, color: bool) -> list[str]:
     traits = [f"    {plain(name)}: {show(value)}" for name, value in record.traits.items()]
-    return [_paint(f"+ {plain(record.key)}", "new", color), *traits]
+    event = f"  {event_line(record)}" if record.event else ""
+    return [_paint(f"+ {plain(record.key)}{event}", "new", color), *traits]
 
 
 def _text_changed(record: DiffRecord, color: bool) -> list[str]:
@@ -206,7 +233,8 @@ def _text_changed(record: DiffRecord, color: bool) -> list[str]:
         f"    {plain(name)}: {show(side(change, 'old'))} → {show(side(change, 'new'))}"
         for name, change in record.changes.items()
     ]
-    return [_paint(f"~ {plain(record.key)}", "changed", color), *changes]
+    note = f"  {plain(record.reason)}" if record.event and record.reason else ""
+    return [_paint(f"~ {plain(record.key)}{note}", "changed", color), *changes]
 
 
 def _text_invalid(record: DiffRecord, color: bool) -> list[str]:
@@ -288,10 +316,19 @@ def _md_key_list(title: str, records: Sequence[DiffRecord], with_reason: bool = 
     if not records:
         return []
     items = [
-        f"- {_md(r.key)}" + (f" — {_md(r.reason or 'invalid')}" if with_reason else "")
+        f"- {_md(r.key)}"
+        + (f" — {_md(r.reason or 'invalid')}" if with_reason else "")
+        + (f" — {_md(event_line(r))}{_md_properties(r)}" if r.event else "")
         for r in records
     ]
     return [title, "", *items, ""]
+
+
+def _md_properties(record: DiffRecord) -> str:
+    """A track event's properties after its event line: `— amount: 900, currency: "EUR"`."""
+    if not record.traits:
+        return ""
+    return " — " + ", ".join(f"{_md(n)}: {_md(show(v))}" for n, v in record.traits.items())
 
 
 def _md_stream(stream: DiffStream) -> list[str]:
@@ -303,6 +340,8 @@ def _md_stream(stream: DiffStream) -> list[str]:
         "",
     ]
     lines += _md_change_table(by_kind["changed"])
+    if stream.kind == "track" and by_kind["changed"]:
+        lines += [f"_{_md(by_kind['changed'][0].reason or '')}_", ""]
     lines += _md_key_list("**New**", by_kind["new"])
     lines += _md_key_list("**Invalid**", by_kind["invalid"], with_reason=True)
     lines += _md_key_list(f"**Gone** {GONE_NOTE}", by_kind["gone"])

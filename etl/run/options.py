@@ -36,6 +36,7 @@ class RunOptions:
     diff_limit: int | None = None  # dry run: records listed per stream
     shard: Shard | None = None  # this worker's share of every stream
     max_transaction_age: dt.timedelta = READ.max_transaction_age
+    since: str | None = None  # backfill of track streams: how far back (90d, 2024-01-31)
 
 
 @dataclass

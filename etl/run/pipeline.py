@@ -40,6 +40,7 @@ from etl.run.ledger import Ledger
 from etl.run.options import Collaborators, Progress, RunOptions
 from etl.run.plan import StreamPlan, plan_stream, state_name_of
 from etl.run.send import send
+from etl.run.track import check_track_run, run_track_stream
 from etl.source import extract
 from etl.source.check import explain_failure
 from etl.source.horizon import Horizon, lower_bound, safe_horizon
@@ -52,6 +53,7 @@ def run(
 ) -> tuple[RunReport, DiffReport | None]:
     """Run every stream in order (accounts first: mapping.py sorted them)."""
     state = io.state
+    check_track_run(mappings, options, io)
     run_id = (
         None if options.dry_run else state.start_run(command, options.mode, shard=options.shard)
     )
@@ -105,8 +107,10 @@ def run_stream(
     mapping: Mapping, *, options: RunOptions, io: Collaborators
 ) -> tuple[StreamReport, DiffStream | None]:
     """One stream: read what may have changed, diff it, send it, remember it."""
+    # a track stream has its own path: no diff, a ledger of keys sent (SPEC §10)
+    one_stream = run_track_stream if mapping.track is not None else _run_stream
     try:
-        return _run_stream(mapping, options=options, io=io)
+        return one_stream(mapping, options=options, io=io)
     except QueryError as exc:
         raise explain_failure(io.source, mapping, exc) from None
 

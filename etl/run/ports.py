@@ -7,10 +7,18 @@ pass an in-memory one. Pure: types only.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from etl.model import Shard, Watermark
-from etl.state.store import LastSent, PendingReject, Rejected, Sent, StreamState
+from etl.state.store import (
+    LastSent,
+    LedgerEntry,
+    PendingReject,
+    Rejected,
+    Sent,
+    StreamState,
+    TrackState,
+)
 
 
 class StatePort(Protocol):
@@ -70,4 +78,42 @@ class StatePort(Protocol):
         error: str | None,
     ) -> None:
         """Close a run record with its status and per-stream counts."""
+        ...
+
+
+@runtime_checkable
+class TrackStatePort(StatePort, Protocol):
+    """What a track stream (SPEC §10) needs besides: its start, floor and backfill,
+    and the ledger of keys it sent."""
+
+    def track(self, name: str) -> TrackState | None:
+        """The track state of a stream or shard, None before its first run."""
+        ...
+
+    def save_track(self, state: TrackState) -> None:
+        """Write a stream's track state whole."""
+        ...
+
+    def save_backfill_checkpoint(self, name: str, checkpoint: Sequence[Any]) -> None:
+        """A track backfill's position up to which everything was acknowledged."""
+        ...
+
+    def ledger(
+        self, stream: str, keys: Sequence[str], *, with_payload: bool = False
+    ) -> dict[str, LastSent]:
+        """Which of these keys the stream sent and still remembers."""
+        ...
+
+    def commit_track_batch(
+        self,
+        stream: str,
+        owner: str,
+        sent: Sequence[LedgerEntry],
+        rejected: Sequence[Rejected] = (),
+    ) -> None:
+        """Record one acknowledged batch of track events, in one transaction."""
+        ...
+
+    def prune_ledger(self, stream: str, owner: str, *, below: str, at_least: str = "") -> int:
+        """Forget `owner`'s keys positioned in [at_least, below); how many."""
         ...

@@ -11,6 +11,7 @@ bad data (SPEC §4: one bad row never stops a run). Values are converted by
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import uuid
@@ -21,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from etl.mapping.track import reserved_name_problem
 from etl.model import MAX_EVENT_BYTES, REQUIRED_TRAITS, Mapping, Record, key_part
 from etl.run.coerce import Invalid, converter
 
@@ -41,10 +43,15 @@ class EventContext:
     event_type: str
     api_key: str
     workspace_key: str
+    track: bool = False  # track events: name, utc_time and properties come from the payload
 
     def envelope_bytes(self) -> int:
         """Bytes an event adds around its payload (ids, keys, constants)."""
-        empty = {"user_id": "", "account_id": "", "anonymous_id": "", "traits": {}}
+        empty: dict[str, Any] = {"user_id": "", "account_id": "", "anonymous_id": ""}
+        if self.track:
+            empty |= {"event_type": "", "utc_time": "", "properties": {}}
+        else:
+            empty["traits"] = {}
         return len(to_event(empty, event_id=str(EVENT_NAMESPACE), context=self)) - len(
             canonical(empty)
         )
@@ -71,8 +78,17 @@ def event_id(*, workspace_key: str, event_type: str, key: str, payload_hash: str
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def track_event_id(*, workspace_key: str, stream: str, key: str) -> str:
+    """SPEC §10: UUIDv5 over (workspace_key, stream, record key) — one id per key,
+    whatever the row holds, so a re-sent track event can be dropped downstream."""
+    name = "\x1f".join(("track", workspace_key, stream, key))
+    return str(uuid.uuid5(EVENT_NAMESPACE, name))
+
+
 def to_event(payload: dict[str, Any], *, event_id: str, context: EventContext) -> bytes:
-    """The serialized event of SPEC §2 for one record's payload."""
+    """The serialized event of SPEC §2 (§10 for track events) for one record's payload."""
+    if context.track:
+        return _to_track_event(payload, event_id=event_id, context=context)
     event: dict[str, Any] = {
         "event_id": event_id,
         "anonymous_id": payload.get("anonymous_id", ""),
@@ -84,6 +100,27 @@ def to_event(payload: dict[str, Any], *, event_id: str, context: EventContext) -
         "library": "http",
         "event_type": context.event_type,
         "traits": payload["traits"],
+        "screen_resolution": "0",
+    }
+    if "url" in payload:
+        event["url"] = payload["url"]
+    return orjson.dumps(event)
+
+
+def _to_track_event(payload: dict[str, Any], *, event_id: str, context: EventContext) -> bytes:
+    # `utc_time`, not `_timestamp`: Jitsu overwrites `_timestamp` with its receive time
+    event: dict[str, Any] = {
+        "event_id": event_id,
+        "anonymous_id": payload.get("anonymous_id", ""),
+        "user_id": payload["user_id"],
+        "account_id": payload["account_id"],
+        "api_key": context.api_key,
+        "workspace_key": context.workspace_key,
+        "src": "hyperengage",
+        "library": "http",
+        "event_type": payload["event_type"],
+        "utc_time": payload["utc_time"],
+        "properties": payload["properties"],
         "screen_resolution": "0",
     }
     if "url" in payload:
@@ -146,23 +183,29 @@ class _Compiled:
         self.has_cursor = bool(mapping.cursor)
         position = self.n_keys + (1 if mapping.cursor else 0)
         slots: list[_Slot] = []
-        for field in (*mapping.id_fields, *mapping.traits):
+        n_ids = len(mapping.id_fields) + len(mapping.track_fields)
+        for declared in (*mapping.id_fields, *mapping.track_fields, *mapping.traits):
             index = -1
-            if field.kind != "const":
+            if declared.kind != "const":
                 index, position = position, position + 1
+            field = declared
+            if mapping.track is not None and declared is mapping.track.timestamp:
+                # any source form of a time (naive, text, epoch) -> ISO-8601 UTC with Z
+                field = dataclasses.replace(declared, name="utc_time", type="datetime")
             slots.append(
                 _Slot(
                     name=field.name,
                     index=index,
                     const=field.value if field.kind == "const" else None,
                     default=field.default,
-                    convert=converter(field, tz, is_id=len(slots) < len(mapping.id_fields)),
+                    convert=converter(field, tz, is_id=len(slots) < n_ids),
                     keep_null=not field.omit_null,
                     str_as_is=field.type is None or (field.type == "text" and not field.encoding),
                 )
             )
-        self.id_slots = tuple(slots[: len(mapping.id_fields)])
-        self.trait_slots = tuple(slots[len(mapping.id_fields) :])
+        self.id_slots = tuple(slots[:n_ids])
+        self.trait_slots = tuple(slots[n_ids:])
+        self.values_key = "properties" if mapping.track is not None else "traits"
 
     def record(self, row: Sequence[Any]) -> Record:
         key_values = row[: self.n_keys]
@@ -197,7 +240,7 @@ class _Compiled:
                     traits[slot.name] = slot.convert(raw)
         except Invalid as exc:
             return Record(key=key, cursor=cursor, payload=None, reason=f"{slot.name}: {exc}")
-        payload["traits"] = traits
+        payload[self.values_key] = traits
         reason = _missing(payload, self.mapping)
         if reason:
             return Record(key=key, cursor=cursor, payload=None, reason=reason)
@@ -226,7 +269,12 @@ def _missing(payload: dict[str, Any], mapping: Mapping) -> str | None:
             return f"{name} is missing or empty"
         if isinstance(value, str) and value.isspace():
             return f"{name} is only whitespace"
-    for name in REQUIRED_TRAITS[mapping.event_type]:
+    if mapping.track is not None:
+        if "utc_time" not in payload:
+            return "timestamp is NULL — a track event needs the time it happened"
+        name = payload.get("event_type", "")
+        return reserved_name_problem(name) if name.strip() else "event_type is missing or empty"
+    for name in REQUIRED_TRAITS[mapping.event_type]:  # type: ignore[index]
         value = payload["traits"].get(name)
         if value is None or value == "":
             return f"required trait {name!r} is missing or empty"

@@ -71,9 +71,10 @@ def check_one(conn: Connection, mapping: Mapping) -> list[str]:
     wanted = [("key", k) for k in mapping.key]
     if mapping.cursor:
         wanted.append(("cursor", mapping.cursor))
-    for field in (*mapping.id_fields, *mapping.traits):
+    values = "properties." if mapping.track else "traits."
+    for field in (*mapping.id_fields, *mapping.track_fields, *mapping.traits):
         if field.kind == "column":
-            prefix = "" if field in mapping.id_fields else "traits."
+            prefix = values if field in mapping.traits else ""
             wanted.append((f"{prefix}{field.name}", field.value))
     for key, column in wanted:
         if column not in available:
@@ -96,7 +97,7 @@ def check_one(conn: Connection, mapping: Mapping) -> list[str]:
         )
     for field in mapping.selected_fields:
         if field.kind == "sql":
-            key = f"traits.{field.name}" if field in mapping.traits else field.name
+            key = f"{values}{field.name}" if field in mapping.traits else field.name
             query: sa.Select[Any] = (
                 sa.select(sa.literal_column(f"({field.value}\n)")).select_from(src).limit(0)
             )

@@ -175,6 +175,7 @@ def build_query(
     limit: int | None = READ.page_size,
     null_keys: bool = False,
     shard: Shard | None = None,
+    upper: Any = None,
 ) -> sa.Select[Any]:
     """One keyset page: rows past `after`, ordered by (cursor, key) or by key.
 
@@ -184,6 +185,8 @@ def build_query(
     true), so one at the end of a page would hide every row after it.
     `null_keys=True` selects those rows instead (invalid records, read apart).
     With `shard`, only that shard's rows (the ones with a NULL key: shard 0's).
+    `upper` bounds the cursor from above (open: a track stream's history ends
+    where its first sync started).
     """
     keys = [src.c[k] for k in mapping.key]
     cursor = src.c[mapping.cursor] if mapping.cursor else None
@@ -216,6 +219,8 @@ def build_query(
             query = query.where(cursor >= sa.bindparam("lower", lower))
         else:
             query = query.where(cursor.is_not(None))
+        if upper is not None:
+            query = query.where(cursor < sa.bindparam("upper", upper))
     if after is not None:
         query = query.where(_after(position, after))
     query = query.order_by(*position)
@@ -241,6 +246,7 @@ def read_pages(
     after: Sequence[Any] | None = None,
     page_size: int = READ.page_size,
     shard: Shard | None = None,
+    upper: Any = None,
 ) -> Iterator[list[tuple[Any, ...]]]:
     """Stream the stream's rows page by page (never OFFSET, never all at once);
     rows with a NULL key (invalid records) come last, streamed by the driver.
@@ -248,7 +254,14 @@ def read_pages(
     n_keys = len(mapping.key)
     while True:
         query = build_query(
-            mapping, src, order=order, lower=lower, after=after, limit=page_size, shard=shard
+            mapping,
+            src,
+            order=order,
+            lower=lower,
+            after=after,
+            limit=page_size,
+            shard=shard,
+            upper=upper,
         )
         rows = _fetch_page(execute(conn, mapping, query))
         if rows:
@@ -258,7 +271,7 @@ def read_pages(
         last = rows[-1]
         after = last[:n_keys] if order == "key" else (last[n_keys], *last[:n_keys])
     query = build_query(
-        mapping, src, order=order, lower=lower, limit=None, null_keys=True, shard=shard
+        mapping, src, order=order, lower=lower, limit=None, null_keys=True, shard=shard, upper=upper
     )
     result = execute(conn, mapping, query.execution_options(yield_per=page_size))
     try:

@@ -155,14 +155,25 @@ def lower_bound(
     times after the bound repeat an hour below it; the bound moves down by
     that much so naive local timestamps in the repeated hour are not skipped.
     """
+    return as_bound(conn, mapping, below_lookback(mapping, watermark, now=now))
+
+
+def below_lookback(
+    mapping: Mapping, watermark: Watermark, *, now: dt.datetime | None = None
+) -> Watermark:
+    """`watermark - lookback` (moved down over a DST fall-back, see `lower_bound`)."""
     if isinstance(watermark, int):
         return watermark - int(mapping.lookback_seconds)
-    zone = ZoneInfo(mapping.timezone)
     value = watermark - dt.timedelta(seconds=mapping.lookback_seconds)
-    value -= fall_back(value, now or value, zone)
-    if conn.dialect.name == "postgresql":
+    return value - fall_back(value, now or value, ZoneInfo(mapping.timezone))
+
+
+def as_bound(conn: Connection, mapping: Mapping, value: Watermark) -> Any:
+    """A watermark-like value (an aware time or an integer) in the form the
+    database compares the cursor with (see `lower_bound`)."""
+    if isinstance(value, int) or conn.dialect.name == "postgresql":
         return value
-    local = value.astimezone(zone).replace(tzinfo=None)
+    local = value.astimezone(ZoneInfo(mapping.timezone)).replace(tzinfo=None)
     if conn.dialect.name == "sqlite":
         return sqlite_text(local)
     return local

@@ -26,7 +26,8 @@ log = structlog.get_logger("etl")
 # 1: first release. 2: etl_records.source_hash (row digests that skip transform).
 # 3: shards own keys by MD5 (model.shard_bucket) instead of BLAKE2b: shard states
 #    restart from their stream's lowest shard watermark (_restart_moved_shards).
-SCHEMA_VERSION = 3
+# 4: etl_track and etl_track_ledger (track streams, SPEC §10).
+SCHEMA_VERSION = 4
 
 metadata = sa.MetaData()
 
@@ -71,6 +72,37 @@ rejects_table = sa.Table(
     sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
+)
+# Track streams (SPEC §10): per stream (and shard) where incremental reads start
+# (`start`, the safe horizon of its first run), the floor they never go below,
+# and its backfill; positions are `ledger_position()` text.
+track_table = sa.Table(
+    "etl_track",
+    metadata,
+    sa.Column("stream", sa.String(200), primary_key=True),  # "name" or "name#I/N"
+    sa.Column("start", sa.Text),  # history (backfill) is below it, syncs at or above
+    sa.Column("floor", sa.Text),  # incremental reads never go below it
+    sa.Column("backfill_since", sa.Text),  # the --since as given ("" for all history)
+    sa.Column("backfill_lower", sa.Text),  # ... resolved when that backfill started
+    sa.Column("backfill_checkpoint", sa.Text),  # JSON [cursor, *key] acknowledged up to
+    sa.Column("backfill_done_at", sa.DateTime(timezone=True)),
+    sa.Column("updated_at", sa.DateTime(timezone=True)),
+)
+# The keys of a track stream sent and still inside its re-read window: "sent
+# already?" is a look-up here. Pruned below the floor, each shard (`owner`) its own.
+ledger_table = sa.Table(
+    "etl_track_ledger",
+    metadata,
+    sa.Column("stream", sa.String(200), primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("owner", sa.String(240), nullable=False),  # the state name that sent it
+    sa.Column("position", sa.Text, nullable=False),  # ledger_position() of its cursor
+    sa.Column("hash", sa.String(32), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),  # canonical JSON sent
+    sa.Column("event_id", sa.String(36), nullable=False),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("etl_track_ledger_prune", "stream", "owner", "position"),
+    sqlite_with_rowid=False,
 )
 runs_table = sa.Table(
     "etl_runs",

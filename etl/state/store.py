@@ -30,12 +30,14 @@ from etl.errors import StateError, UsageError
 from etl.model import Shard, Watermark
 from etl.state.lock import RunLock
 from etl.state.schema import (
+    ledger_table,
     open_engine,
     records_table,
     rejects_table,
     runs_table,
     safe_url,
     streams_table,
+    track_table,
     upsert,
 )
 
@@ -84,6 +86,55 @@ class PendingReject:
     attempts: int
     first_seen: dt.datetime
     last_seen: dt.datetime
+
+
+class LedgerEntry(NamedTuple):
+    """One acknowledged track event: its key, the cursor position it was read at
+    (`ledger_position()`), the payload hash and canonical payload, its event id."""
+
+    key: str
+    position: str
+    hash: str
+    payload: bytes
+    event_id: str
+
+
+@dataclass(frozen=True)
+class TrackState:
+    """What the store knows of one track stream (or shard), SPEC §10: `start`
+    and `floor` as watermarks, its backfill's `--since`, lower bound, checkpoint
+    and when it finished."""
+
+    stream: str
+    start: Watermark | None
+    floor: Watermark | None
+    backfill_since: str | None
+    backfill_lower: Watermark | None
+    backfill_checkpoint: list[Any] | None
+    backfill_done_at: dt.datetime | None
+
+
+def ledger_position(value: Watermark) -> str:
+    """A cursor value as text that sorts like the values: integers offset and
+    zero-padded, times in UTC with microseconds ("i..." and "t..." never mix in
+    one stream, whose cursor is one kind)."""
+    if isinstance(value, int):
+        return f"i{value + 2**63:020d}"
+    return "t" + value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def _encode(value: Watermark | None) -> str | None:
+    if value is None:
+        return None
+    text, kind = encode_watermark(value)
+    return f"{kind}:{text}"
+
+
+def _decode(text: str | None) -> Watermark | None:
+    if not text:
+        return None
+    kind, _, value = text.partition(":")
+    return decode_watermark(value, kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +354,14 @@ class StateStore:
             ).rowcount
             conn.execute(sa.delete(rejects_table).where(rejects_table.c.stream == stream))
             conn.execute(sa.delete(streams_table).where(streams_table.c.stream == stream))
+            forgotten += conn.execute(
+                sa.delete(ledger_table).where(ledger_table.c.stream == stream)
+            ).rowcount
+            conn.execute(
+                sa.delete(track_table).where(
+                    sa.or_(track_table.c.stream == stream, track_table.c.stream.like(stream + "#%"))
+                )
+            )
         return int(forgotten)
 
     # ------------------------------------------------------------ records
@@ -432,6 +491,149 @@ class StateStore:
                 for r in conn.execute(query)
             ]
 
+    # ------------------------------------------------------------ track streams
+
+    def track(self, name: str) -> TrackState | None:
+        """The track state of one stream or shard (`name#I/N`), None before its first run."""
+        if self._engine is None:
+            return None
+        with self._begin() as conn:
+            row = conn.execute(
+                sa.select(track_table).where(track_table.c.stream == name)
+            ).one_or_none()
+        if row is None:
+            return None
+        return TrackState(
+            stream=row.stream,
+            start=_decode(row.start),
+            floor=_decode(row.floor),
+            backfill_since=row.backfill_since,
+            backfill_lower=_decode(row.backfill_lower),
+            backfill_checkpoint=orjson.loads(row.backfill_checkpoint)
+            if row.backfill_checkpoint
+            else None,
+            backfill_done_at=_aware(row.backfill_done_at),
+        )
+
+    def save_track(self, state: TrackState) -> None:
+        """Write a stream's track state whole, in one transaction."""
+        checkpoint = state.backfill_checkpoint
+        with self._begin() as conn:
+            upsert(
+                conn,
+                track_table,
+                [
+                    {
+                        "stream": state.stream,
+                        "start": _encode(state.start),
+                        "floor": _encode(state.floor),
+                        "backfill_since": state.backfill_since,
+                        "backfill_lower": _encode(state.backfill_lower),
+                        "backfill_checkpoint": orjson.dumps(checkpoint, default=str).decode()
+                        if checkpoint is not None
+                        else None,
+                        "backfill_done_at": state.backfill_done_at,
+                        "updated_at": _now(),
+                    }
+                ],
+                ["stream"],
+            )
+
+    def save_backfill_checkpoint(self, name: str, checkpoint: Sequence[Any]) -> None:
+        """A track backfill's position ([cursor, *key]) up to which all was acknowledged."""
+        value = orjson.dumps(list(checkpoint), default=str).decode()
+        with self._begin() as conn:
+            conn.execute(
+                sa.update(track_table)
+                .where(track_table.c.stream == name)
+                .values(backfill_checkpoint=value, updated_at=_now())
+            )
+
+    def ledger(
+        self, stream: str, keys: Sequence[str], *, with_payload: bool = False
+    ) -> dict[str, LastSent]:
+        """Which of these keys a track stream sent (still in its ledger): one query."""
+        if self._engine is None or not keys:
+            return {}
+        columns = [ledger_table.c.key, ledger_table.c.hash]
+        if with_payload:
+            columns.append(ledger_table.c.payload)
+        out: dict[str, LastSent] = {}
+        with self._begin() as conn:
+            for start in range(0, len(keys), 1000):
+                rows = conn.execute(
+                    sa.select(*columns).where(
+                        ledger_table.c.stream == stream,
+                        ledger_table.c.key.in_(list(keys[start : start + 1000])),
+                    )
+                )
+                for row in rows:
+                    payload = row[2].encode() if with_payload else None
+                    out[row[0]] = LastSent(row[1], payload)
+        return out
+
+    def commit_track_batch(
+        self,
+        stream: str,
+        owner: str,
+        sent: Sequence[LedgerEntry],
+        rejected: Sequence[Rejected] = (),
+    ) -> None:
+        """Record one acknowledged batch of track events in one transaction."""
+        now = _now()
+        with self._begin() as conn:
+            if sent:
+                upsert(
+                    conn,
+                    ledger_table,
+                    [
+                        {
+                            "stream": stream,
+                            "key": e.key,
+                            "owner": owner,
+                            "position": e.position,
+                            "hash": e.hash,
+                            "payload": e.payload.decode(),
+                            "event_id": e.event_id,
+                            "sent_at": now,
+                        }
+                        for e in sent
+                    ],
+                    ["stream", "key"],
+                )
+                conn.execute(
+                    sa.delete(rejects_table).where(
+                        rejects_table.c.stream == stream,
+                        rejects_table.c.key.in_([e.key for e in sent]),
+                    )
+                )
+            for r in rejected:
+                self._reject(conn, stream, r, now)
+
+    def prune_ledger(self, stream: str, owner: str, *, below: str, at_least: str = "") -> int:
+        """Forget `owner`'s sent keys positioned in [at_least, below); how many."""
+        with self._begin() as conn:
+            deleted = conn.execute(
+                sa.delete(ledger_table).where(
+                    ledger_table.c.stream == stream,
+                    ledger_table.c.owner == owner,
+                    ledger_table.c.position < below,
+                    ledger_table.c.position >= at_least,
+                )
+            ).rowcount
+        return int(deleted)
+
+    def ledger_size(self, stream: str) -> int:
+        """How many sent keys a track stream's ledger holds."""
+        if self._engine is None:
+            return 0
+        with self._begin() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(ledger_table.c.stream == stream)
+                ).scalar_one()
+            )
+
     # ------------------------------------------------------------ runs
 
     def start_run(self, command: str, mode: str, *, shard: Shard | None = None) -> int | None:
@@ -499,7 +701,8 @@ class StateStore:
         ]
 
     def summary(self) -> list[StreamSummary]:
-        """Per stream: watermark, records sent, pending rejects, checkpoint."""
+        """Per stream: watermark, records sent (track streams: keys in the ledger),
+        pending rejects, checkpoint."""
         if self._engine is None:
             return []
         with self._begin() as conn:
@@ -507,6 +710,13 @@ class StateStore:
                 conn.execute(
                     sa.select(records_table.c.stream, sa.func.count()).group_by(
                         records_table.c.stream
+                    )
+                ).all()
+            )
+            counts |= dict(
+                conn.execute(
+                    sa.select(ledger_table.c.stream, sa.func.count()).group_by(
+                        ledger_table.c.stream
                     )
                 ).all()
             )
