@@ -22,7 +22,14 @@ from memory_state import T0, MemoryState
 from etl.errors import StateError
 from etl.mapping.parse import parse_mapping
 from etl.model import BatchResult, DeliveryConfig, Mapping, Outgoing, Record, Secret, Shard
-from etl.run.classify import ClassifiedPage, Counts, RetriedRejects, Row, classify
+from etl.run.classify import (
+    Classified,
+    ClassifiedPage,
+    Counts,
+    RetriedRejects,
+    Row,
+    classify,
+)
 from etl.run.dryrun import collect
 from etl.run.ledger import Ledger, Ref
 from etl.run.options import Collaborators, RunOptions
@@ -75,16 +82,24 @@ def run_classify(
     *,
     retries: RetriedRejects | None = None,
     stop: threading.Event | None = None,
-) -> tuple[list[ClassifiedPage], Counts]:
+) -> tuple[list[list[Classified]], Counts]:
+    """The changes of each page (each consumed before the next page, as a sender does)."""
     counts = Counts()
-    out = list(
-        classify(iter(pages), plan=plan, state=state, counts=counts, retries=retries, stop=stop)
+    pages_read = classify(
+        iter(pages), plan=plan, state=state, counts=counts, retries=retries, stop=stop
     )
-    return out, counts
+    return [list(page.changes) for page in pages_read], counts
 
 
-def kinds(pages: list[ClassifiedPage]) -> list[tuple[str, str]]:
-    return [(change.kind, change.record.key) for page in pages for change, _, _ in page.changes]
+def as_pages(changes: list[list[Classified]]) -> Iterator[ClassifiedPage]:
+    """Classified pages again, from their changes, to hand to a sender."""
+    for page in changes:
+        keyed = [(change.record.key, row) for change, row, _ in page]
+        yield ClassifiedPage(iter(page), keyed, page[-1][1][:1])
+
+
+def kinds(pages: list[list[Classified]]) -> list[tuple[str, str]]:
+    return [(change.kind, change.record.key) for page in pages for change, _, _ in page]
 
 
 def send_all(state: MemoryState, plan: StreamPlan, pages: Sequence[list[Row]]) -> None:
@@ -97,7 +112,7 @@ def send_all(state: MemoryState, plan: StreamPlan, pages: Sequence[list[Row]]) -
         clear_rejects=True,
         checkpoints=False,
     )
-    classified, _ = run_classify(pages, plan, state)
+    classified = classify(iter(pages), plan=plan, state=state, counts=Counts())
     outgoing = list(events(classified, plan=plan, ledger=ledger, stop=threading.Event()))
     ledger.on_result(BatchResult(acked=tuple(outgoing)))
 
@@ -247,12 +262,12 @@ def test_classify_reads_a_retried_reject_once_and_settles_the_rest() -> None:
 def test_classify_stops_between_pages_when_asked() -> None:
     """Once the stop event is set, no further page is classified."""
     stop = threading.Event()
-    seen: list[ClassifiedPage] = []
+    seen: list[list[Classified]] = []
     pages = [[row(1)], [row(2)]]
     for page in classify(
         iter(pages), plan=make_plan(), state=MemoryState(), counts=Counts(), stop=stop
     ):
-        seen.append(page)
+        seen.append(list(page.changes))
         stop.set()
     assert kinds(seen) == [("new", "w1")]
 
@@ -377,12 +392,15 @@ def test_events_are_numbered_and_leave_out_what_needs_no_sending() -> None:
         [[row(1), row(2), row(3, name=None)]], dataclasses.replace(plan, force=True), state
     )
     ledger = ledger_of(state, checkpoints=False)
-    out = list(events(pages, plan=plan, ledger=ledger, stop=threading.Event()))
+    out = list(events(as_pages(pages), plan=plan, ledger=ledger, stop=threading.Event()))
     assert [(o.key, o.ref.seq) for o in out] == [("w2", 0)]
     assert orjson.loads(out[0].body)["event_id"] == out[0].event_id
     forced = list(
         events(
-            pages, plan=dataclasses.replace(plan, force=True), ledger=ledger, stop=threading.Event()
+            as_pages(pages),
+            plan=dataclasses.replace(plan, force=True),
+            ledger=ledger,
+            stop=threading.Event(),
         )
     )
     assert [(o.key, o.ref.seq) for o in forced] == [("w1", 1), ("w2", 2)]
@@ -394,7 +412,7 @@ def test_events_stop_mid_page_when_asked() -> None:
     stop = threading.Event()
     ledger = ledger_of(MemoryState(), checkpoints=False)
     taken = []
-    for outgoing in events(pages, plan=make_plan(), ledger=ledger, stop=stop):
+    for outgoing in events(as_pages(pages), plan=make_plan(), ledger=ledger, stop=stop):
         taken.append(outgoing.key)
         stop.set()
     assert taken == ["w1"]
