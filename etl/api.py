@@ -23,7 +23,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from etl import logs
+from etl import redact
 from etl.delivery import load
 from etl.errors import SourceError, UsageError
 from etl.mapping.fields import parse_lookback
@@ -380,7 +380,7 @@ def delivery_token(token: str | Secret | None, token_file: str | Path | None) ->
             "no Hyperengage server token — export HYPERENGAGE_TOKEN or pass --token-file PATH "
             "(never on the command line: process lists are public)"
         )
-    logs.register_secret(value)
+    redact.register_secret(value)
     return Secret(value)
 
 
@@ -414,9 +414,8 @@ def _source(url: str) -> Iterator[Engine]:
     except sa.exc.DBAPIError as exc:
         engine.dispose()
         safe = engine.url.render_as_string(hide_password=True)
-        detail = str(exc.orig).strip().splitlines()[0] if str(exc.orig) else "error"
         raise SourceError(
-            f"source {safe}: cannot connect: {logs.redact_text(detail)} — check the URL, the "
+            f"source {safe}: cannot connect: {redact.first_line(exc.orig)} — check the URL, the "
             "server and the credentials"
         ) from None
     try:

@@ -26,7 +26,7 @@ import click
 import orjson
 import structlog
 
-from etl import __version__, api, logs
+from etl import __version__, api, logs, redact
 from etl.errors import (
     EtlError,
     LockedError,
@@ -233,14 +233,16 @@ def _handled(func: F) -> F:
             return func(*args, **kwargs)
         except EtlError as exc:
             code = _exit_code(exc)
-            message = logs.redact_text(str(exc))
+            # Our own words: their foreign parts were masked where they were put in
+            # (etl.redact); masking the whole would rewrite words that equal a secret.
+            message = str(exc)
             log.error("run.failed", error=type(exc).__name__, exit_code=code, message=message)
             click.echo(f"error: {message}", err=True)
             sys.exit(code)
         except Exception as exc:
             # A bug, or a library error we did not foresee: still exit 1, and
             # still never print the token (tracebacks carry URLs and values).
-            trace = logs.redact_text(traceback.format_exc())
+            trace = redact.foreign(traceback.format_exc())
             log.error("run.crashed", error=type(exc).__name__, exit_code=EXIT_FAILED)
             click.echo(
                 f"error: unexpected {type(exc).__name__} — please report it:\n{trace}", err=True

@@ -1,7 +1,7 @@
 """structlog set-up: console lines on a TTY, one JSON object per line otherwise.
 
 Configured once, by the CLI. Every event is a `noun.verb` string with values as
-fields; a processor redacts secrets from every field, and the chatty HTTP
+fields; a processor masks foreign text in them (etl.redact), and the chatty HTTP
 libraries are quietened because their DEBUG/INFO lines carry the request URL,
 which carries the token.
 """
@@ -9,52 +9,44 @@ which carries the token.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
+from etl import redact
+from etl.errors import EtlError
 from etl.settings import LogFormat
 
-# `token=...` in a URL or a message, however it got there.
-_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s'\"]+", re.IGNORECASE)
-_secrets: set[str] = set()
 
+def _masked(key: str, value: Any) -> Any:
+    """A log field as it may be printed (etl.redact's rule: only foreign text is masked).
 
-def register_secret(value: str) -> None:
-    """Make `value` unprintable: every log field containing it is masked."""
-    if value:
-        _secrets.add(value)
-
-
-def redact_text(text: str) -> str:
-    """`text` with every registered secret and every `token=...` masked."""
-    text = _TOKEN_IN_TEXT.sub(r"\1***", text)
-    for secret in _secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
-def _redact(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact_text(value)
-    if isinstance(value, dict):
-        return {k: _redact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_redact(v) for v in value)
+    An EtlError's text is ours, its foreign parts masked where it was built; any
+    other exception and a formatted traceback are foreign; plain strings were
+    masked where they entered (load, first_line), so only a `token=...` value
+    in them is masked here, which no word of ours is.
+    """
+    if isinstance(value, EtlError):
+        return str(value)
     if isinstance(value, BaseException):
-        return redact_text(f"{type(value).__name__}: {value}")
+        return redact.foreign(f"{type(value).__name__}: {value}")
+    if isinstance(value, str):
+        return redact.foreign(value) if key == "exception" else redact.foreign(value, ())
+    if isinstance(value, dict):
+        return {k: _masked(k, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_masked(key, v) for v in value)
     return value
 
 
 def redact_secrets(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """structlog processor: mask secrets in every field, the event included."""
+    """structlog processor: mask foreign text in every field (see `_masked`)."""
     for key, value in list(event_dict.items()):
-        event_dict[key] = _redact(value)
+        event_dict[key] = _masked(key, value)
     return event_dict
 
 

@@ -25,6 +25,8 @@ STREAM_KINDS: tuple[StreamKind, ...] = ("identify", "track")
 TraitType = Literal["text", "number", "integer", "boolean", "datetime", "date", "string_array"]
 FieldKind = Literal["column", "sql", "const"]
 ChangeKind = Literal["new", "changed", "unchanged", "invalid"]
+# How a run ended: "partial" finished with invalid or rejected records (exit 3).
+RunStatus = Literal["ok", "partial", "failed"]
 # A stream's watermark: a timestamp cursor's horizon, or an integer cursor's largest value.
 Watermark = dt.datetime | int
 # What the sender of an `Outgoing` event wants back with its acknowledgement.
@@ -409,7 +411,7 @@ class RunReport:
     run_id: int | None
     command: str
     streams: tuple[StreamReport, ...]
-    status: Literal["ok", "partial", "failed"] = "ok"
+    status: RunStatus = "ok"
     error: str | None = None
 
 

@@ -3,9 +3,10 @@ bounded concurrency and rate, and results handed back in order.
 
 Threads: the caller's thread reads `outgoing` (which reads the database) and
 reports results; up to `concurrency` worker threads send. The token rides in the
-URL's query string, so every message and log line built here goes through
-`_Sender._redact`, and httpx exceptions (whose text may hold the URL) are never
-chained into the errors raised.
+URL's query string, so every foreign text put into a message or log line here
+(the server's words, an exception's text, a header, the URL) goes through
+`_Sender._foreign` first (etl.redact: our own words are never masked), and httpx
+exceptions (whose text may hold the URL) are never chained into the errors raised.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import ipaddress
 import random
 import threading
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -27,7 +27,7 @@ import httpx
 import orjson
 import structlog
 
-from etl import __version__
+from etl import __version__, redact
 from etl.errors import FatalApiError, RetriableApiError, UsageError
 from etl.model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing, Ref
 from etl.settings import DELIVERY
@@ -295,8 +295,10 @@ class _Sender:
         self._limiter = (
             _RateLimiter(config.max_rps, clock=clock, sleep=sleep) if config.max_rps else None
         )
-        self._secrets = _secret_spellings(config.token.reveal())
-        self._url = self._redact(_display_url(config.endpoint))
+        token = config.token.reveal()
+        # httpx encodes a query value its own way: one more spelling to mask
+        self._secrets = (token, str(httpx.QueryParams({"t": token}))[2:])
+        self._url = self._foreign(_display_url(config.endpoint))
         self._stopped = threading.Event()
 
     def stop(self) -> None:
@@ -383,7 +385,7 @@ class _Sender:
         """Describe an HTTP exception without keeping it: its text may hold the URL."""
         name = type(exc).__name__
         detail = " ".join(str(exc).split())
-        label = self._redact(f"{name}: {detail}" if detail else name)[:MESSAGE_LIMIT]
+        label = (f"{name}: {self._foreign(detail)}" if detail else name)[:MESSAGE_LIMIT]
         return _Failure(label, error=name, retriable=retriable)
 
     def _jitter(self, attempt: int) -> float:
@@ -404,11 +406,12 @@ class _Sender:
         """Return if `response` acknowledges the batch; raise FatalApiError otherwise."""
         status = response.status_code
         if 200 <= status < 300:
-            problem = _acknowledgement_problem(response)
+            problem = _acknowledgement_problem(response, foreign=self._foreign)
             if problem is None:
                 return
         elif 300 <= status < 400:
-            target = response.headers.get("location", "").split("?", 1)[0] or "nowhere"
+            target = self._foreign(response.headers.get("location", "").split("?", 1)[0])
+            target = target or "nowhere"
             problem = (
                 f"HTTP {status} redirect to {target}, not followed (a 301/302 turns a POST"
                 " into a GET) — set HYPERENGAGE_ENDPOINT to the final URL"
@@ -417,20 +420,18 @@ class _Sender:
             problem = f"HTTP {status}: {FATAL_CAUSES[status]}"
         else:
             problem = f"{self._words(response)} — not retriable; fix what the server names"
-        raise FatalApiError(self._redact(f"POST {self._url} answered {problem}"))
+        raise FatalApiError(f"POST {self._url} answered {problem}")
 
     def _words(self, response: httpx.Response) -> str:
-        """The status and the server's own explanation, redacted and truncated."""
-        said = _server_said(response)
-        text = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
-        # Redact before truncating, so no prefix of the token survives a cut.
-        return self._redact(f"{text}: {said}" if said else text)[:MESSAGE_LIMIT]
+        """The status and the server's own explanation, masked and truncated."""
+        # Masked before truncating, so no prefix of the token survives a cut.
+        said = self._foreign(_server_said(response))
+        text = f"HTTP {response.status_code} {self._foreign(response.reason_phrase)}".rstrip()
+        return (f"{text}: {said}" if said else text)[:MESSAGE_LIMIT]
 
-    def _redact(self, text: str) -> str:
-        """`text` with every spelling of the token replaced by ***."""
-        for spelling in self._secrets:
-            text = text.replace(spelling, "***")
-        return text
+    def _foreign(self, text: str) -> str:
+        """Foreign `text` with the token masked wherever it stands as a value."""
+        return redact.foreign(text, self._secrets)
 
 
 def _is_loopback(host: str) -> bool:
@@ -446,17 +447,6 @@ def _is_loopback(host: str) -> bool:
 def _display_url(endpoint: str) -> str:
     """The endpoint as messages show it: its query replaced by `token=***`."""
     return endpoint.split("#", 1)[0].split("?", 1)[0] + "?token=***"
-
-
-def _secret_spellings(token: str) -> tuple[str, ...]:
-    """Every way the token can appear in text: as is, and URL-encoded; longest first."""
-    spellings = {
-        token,
-        urllib.parse.quote(token, safe=""),
-        urllib.parse.quote_plus(token),
-        str(httpx.QueryParams({"t": token}))[2:],
-    }
-    return tuple(sorted((s for s in spellings if s), key=len, reverse=True))
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -477,13 +467,16 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _acknowledgement_problem(response: httpx.Response) -> str | None:
-    """Why a 2xx answer is not the API's acknowledgement, or None when it is."""
+def _acknowledgement_problem(
+    response: httpx.Response, *, foreign: Callable[[str], str]
+) -> str | None:
+    """Why a 2xx answer is not the API's acknowledgement, or None when it is;
+    `foreign` masks the server's words quoted."""
     status = response.status_code
     try:
         document = orjson.loads(response.content)
     except orjson.JSONDecodeError:
-        content_type = response.headers.get("content-type", "no content type")
+        content_type = foreign(response.headers.get("content-type", "no content type"))
         shape = "an empty body" if not response.content.strip() else "a non-JSON body"
         return (
             f"HTTP {status} with {shape} ({content_type}) instead of the API's JSON — likely"
@@ -494,7 +487,7 @@ def _acknowledgement_problem(response: httpx.Response) -> str | None:
     state = document.get("status")
     if state == "ok" or (state is None and "message" not in document):
         return None
-    said = _server_said(response) or f"status {state!r}"
+    said = foreign(_server_said(response) or f"status {state!r}")
     return f"HTTP {status} but the API refused the batch: {said} — fix what the message names"
 
 

@@ -8,18 +8,14 @@ stream, the error's class and a redacted first line of its message.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Literal
 
-from etl import logs
-from etl.model import RunReport, StreamReport
+from etl import redact
+from etl.errors import EtlError
+from etl.model import RunReport, RunStatus, StreamReport
 
-Status = Literal["ok", "partial", "failed"]
 # Enough to say what failed and where; the full message is in the logs.
 MESSAGE_LIMIT = 300
-# Error texts can quote a database's or a server's words, which can quote data.
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 
 
 @dataclass(frozen=True)
@@ -27,7 +23,7 @@ class RunOutcome:
     """One finished `sync`/`backfill`: its status, exit code, timing and counts."""
 
     command: str
-    status: Status
+    status: RunStatus
     exit_code: int
     started_at: float  # seconds since the epoch
     finished_at: float
@@ -77,10 +73,14 @@ def from_error(
 
 
 def safe_message(error: BaseException) -> str:
-    """The first line of the error's message with the token and e-mail addresses masked."""
+    """The first line of the error's message, e-mail addresses masked; the token too
+    unless it is an EtlError, whose text is ours (see etl.redact)."""
     lines = str(error).strip().splitlines()
     first = lines[0] if lines else ""
+    if not isinstance(error, EtlError):
+        first = redact.foreign(first)
     if len(lines) > 1:
         first += f" (and {len(lines) - 1} more line(s))"
-    text = _EMAIL.sub("***@***", logs.redact_text(first))
+    # Error texts can quote a database's or a server's words, which can quote data.
+    text = redact.mask_emails(first)
     return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from etl.errors import UsageError
 from etl.model import DiffRecord, DiffReport, DiffStream, RunReport, StreamReport
+from etl.redact import mask_value
 from etl.report.common import (
     COUNT_KEYS,
     SUMMARY_KEYS,
@@ -41,7 +42,6 @@ GONE_NOTE: Final = "(sent before, no longer in the source; the API cannot delete
 RUN_LIST_LIMIT: Final = 20
 
 # A trait present on only one side of a change (the change dict lacks "old" or "new").
-_EMAIL = re.compile(r"([^@\s])[^@\s]*@([^@\s.])[^@\s]*\.([^@\s.]+)")
 # C0/C1 controls, line separators and bidi overrides (which can make text lie).
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
 
@@ -128,36 +128,12 @@ DIFF_JSON_SCHEMA: Final[dict[str, Any]] = {
 # --- redaction --------------------------------------------------------------
 
 
-def redact_value(value: Any) -> Any:
-    """Mask a trait value so a report can be shared: `jane@example.com` becomes
-    `j***@e***.com`, other text its first character + `***` (empty stays empty);
-    numbers, booleans and null are kept; arrays are masked element by element."""
-    if isinstance(value, str):
-        return _redact_text(value)
-    if isinstance(value, list | tuple):
-        return [redact_value(item) for item in value]
-    if isinstance(value, dict):
-        return {name: redact_value(item) for name, item in value.items()}
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return _redact_text(str(value))
-
-
-def _redact_text(text: str) -> str:
-    if not text:
-        return text
-    email = _EMAIL.fullmatch(text)
-    if email:
-        return f"{email[1]}***@{email[2]}***.{email[3]}"
-    return text[0] + "***"
-
-
 def _redact_record(record: DiffRecord) -> DiffRecord:
     changes = {
-        trait: {side: redact_value(value) for side, value in change.items()}
+        trait: {side: mask_value(value) for side, value in change.items()}
         for trait, change in record.changes.items()
     }
-    return replace(record, traits=redact_value(record.traits), changes=changes)
+    return replace(record, traits=mask_value(record.traits), changes=changes)
 
 
 def _redact_report(report: DiffReport) -> DiffReport:
@@ -374,7 +350,7 @@ def render_diff(
     report: DiffReport, *, format: str, color: bool = False, redact: bool = False
 ) -> str:
     """The dry-run report in one of FORMATS, ending with a newline. `color` adds
-    ANSI colours to the text format; `redact` masks trait values (redact_value)."""
+    ANSI colours to the text format; `redact` masks trait values (etl.redact.mask_value)."""
     renderer = _DIFF_RENDERERS.get(format)
     if renderer is None:
         raise UsageError(f"unknown report format {format!r} — use one of {', '.join(FORMATS)}")

@@ -14,9 +14,9 @@ from sqlalchemy.engine import Connection
 
 from etl.errors import MappingError, QueryError, SourceError
 from etl.model import Mapping, Related, Source
+from etl.redact import first_line
 from etl.source.extract import (
     count_null_cursors,
-    first_line,
     query_columns,
     raw_sql,
     read_only,

@@ -28,6 +28,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from etl.errors import QueryError
 from etl.model import SHARD_SEPARATOR, Mapping, Related, Shard, key_part, shard_bucket
+from etl.redact import first_line
 from etl.settings import READ
 
 Order = Literal["cursor", "key"]
@@ -385,11 +386,6 @@ def execute(conn: Connection, mapping: Mapping, query: sa.Executable) -> sa.Curs
             stream=mapping.stream,
             detail=detail,
         ) from None
-
-
-def first_line(error: BaseException | None) -> str:
-    """The first line of a driver error's message, for one-line problem reports."""
-    return str(error).strip().splitlines()[0] if error is not None and str(error) else "error"
 
 
 # ---------------------------------------------------------------- transactions

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from etl.errors import StateError, UsageError
 from etl.model import Shard, Watermark
+from etl.redact import first_line
 from etl.state.lock import RunLock
 from etl.state.schema import (
     ledger_table,
@@ -220,7 +221,7 @@ class StateStore:
             self._engine = open_engine(url, readonly=readonly)
         except sa.exc.DBAPIError as exc:
             raise StateError(
-                f"state store {safe_url(url)}: cannot open it: {_first_line(exc.orig)} "
+                f"state store {safe_url(url)}: cannot open it: {first_line(exc.orig)} "
                 "— check --state / ETL_STATE_URL, or move a corrupted file aside"
             ) from None
         except OSError as exc:  # creating the file: a parent that is a file, no permission
@@ -247,7 +248,7 @@ class StateStore:
                 yield conn
         except sa.exc.DBAPIError as exc:
             raise StateError(
-                f"state store {safe_url(self.url)}: {_first_line(exc.orig)} — check the "
+                f"state store {safe_url(self.url)}: {first_line(exc.orig)} — check the "
                 "disk, permissions and that nothing else rewrites the store"
             ) from None
 
@@ -771,7 +772,3 @@ def _upsert_records(conn: Connection, stream: str, sent: Sequence[Sent], now: dt
             for s in sent
         ],
     )
-
-
-def _first_line(error: BaseException | None) -> str:
-    return str(error).strip().splitlines()[0] if error is not None and str(error) else "error"
