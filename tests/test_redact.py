@@ -112,7 +112,7 @@ def test_mask_value_masks_text_and_keeps_numbers(value: Any, masked: Any) -> Non
 def _deliver_once(token: str, answer: httpx.Response) -> FatalApiError:
     config = DeliveryConfig(endpoint=ENDPOINT, token=Secret(token), concurrency=1)
     transport = httpx.MockTransport(lambda request: answer)
-    event = Outgoing(key="k", event_id="e", body=b"{}")
+    event = Outgoing(key="k", event_id="e", body=b"{}", ref=None)
     with make_client(config, transport=transport) as client, pytest.raises(FatalApiError) as info:
         deliver([event], config=config, on_result=lambda result: None, client=client)
     return info.value
