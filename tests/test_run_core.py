@@ -543,3 +543,17 @@ def test_a_dry_run_stream_writes_nothing(source: sa.Engine) -> None:
     assert not [c for c in state.calls if c[0] in writes]
     assert state.count("rejected") == 1
     assert report.read == 12
+
+
+def test_a_backfill_checkpoints_its_pages_and_resumes_after_the_last(source: sa.Engine) -> None:
+    """A backfill saves a checkpoint as its pages are acknowledged and clears it when
+    done; started again from a checkpoint, it reads only the keys after it."""
+    state = MemoryState()
+    backfill = RunOptions(mode="backfill", page_size=4)
+    report, _ = run_stream(mapping(), options=backfill, io=collaborators(source, state, set()))
+    assert (report.read, report.sent) == (12, 12)
+    assert state.count("save_checkpoint") == 3  # one a page of 4
+    assert state.streams["workspaces"].checkpoint is None  # cleared with the watermark
+    state.save_checkpoint("workspaces", ["w5"])  # keys in text order: w0 w1 w10 w11 w2 ... w9
+    again, _ = run_stream(mapping(), options=backfill, io=collaborators(source, state, set()))
+    assert again.read == 4  # w6, w7, w8, w9
