@@ -3,6 +3,7 @@ what it accepts, and misbehaves exactly as its fault plan says."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import itertools
@@ -21,8 +22,12 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from conftest import TEST_TOKEN
+from support import cli_env, copy_mappings, run_cli, user_id, users
+from support import seed as seed_source
 
+import etl.model
 from etl.errors import UsageError
 from etl.receiver.faults import FaultPlan
 from etl.receiver.server import RunningReceiver, start_receiver
@@ -497,3 +502,53 @@ def test_serve_stops_cleanly_on_sigterm_and_never_logs_the_token(
     assert "receiver.stopped" in logged
     assert TEST_TOKEN not in logged
     assert read_events(store) == [user()]
+
+
+# --- the receiver's own copy of the API's rules ----------------------------------
+
+
+def test_the_receiver_imports_nothing_of_the_client() -> None:
+    """etl/receiver/ imports only etl.errors and its own modules, never the client's rules."""
+    root = Path(__file__).resolve().parent.parent / "etl" / "receiver"
+    imported = set()
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    ours = {name for name in imported if name == "etl" or name.startswith("etl.")}
+    assert ours, "the receiver's imports were not found"
+    assert {name for name in ours if not name.startswith("etl.receiver")} <= {"etl.errors"}
+
+
+def test_a_wrong_client_constant_does_not_change_the_receivers_verdict(
+    monkeypatch: pytest.MonkeyPatch, receiver: RunningReceiver, client: httpx.Client
+) -> None:
+    """With the client believing a user needs only an email, the receiver still wants a name."""
+    monkeypatch.setitem(etl.model.REQUIRED_TRAITS, "user_identify", ("email",))
+    response = post(client, receiver, [without("name", trait=True)])
+    assert response.status_code == 400
+    assert "traits.name is required for user_identify" in response.json()["message"]
+
+
+def test_a_client_with_a_wrong_required_trait_list_fails_end_to_end(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sqlite_url: str, receiver: RunningReceiver
+) -> None:
+    """A client that forgets `name` is required sends a nameless user: the receiver refuses it."""
+    seed_source(sqlite_url, n_users=3)
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(users.update().where(users.c.id == user_id(2)).values(first_name=None))
+    engine.dispose()
+    copy_mappings(tmp_path / "mappings")
+    env = cli_env(tmp_path, sqlite_url, receiver.url)
+
+    monkeypatch.setitem(etl.model.REQUIRED_TRAITS, "user_identify", ("email", "created_at"))
+    result = run_cli(["sync"], env)
+
+    assert result.exit_code == 3  # finished, one record rejected by the server
+    assert "traits.name is required for user_identify" in result.stderr
+    stored = {e["user_id"] for e in receiver.events() if e["event_type"] == "user_identify"}
+    assert user_id(2) not in stored
+    assert len(stored) == 2
