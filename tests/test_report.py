@@ -470,13 +470,21 @@ def test_html_references_nothing_external(report: DiffReport) -> None:
     assert all(value and value.startswith("#") for value in hrefs)
 
 
-def test_html_sample_written_for_a_screenshot(report: DiffReport) -> None:
-    """The sample page is written to /tmp/report-sample.html for a visual check."""
-    page = render_diff(report, format="html")
-    # A fixed, well-known path on purpose: the lead opens it to screenshot the page.
-    path = Path("/tmp/report-sample.html")  # noqa: S108
-    path.write_text(page, encoding="utf-8")
-    assert path.read_text(encoding="utf-8") == page
+def test_html_file_opened_from_disk_declares_its_encoding(
+    report: DiffReport, tmp_path: Path
+) -> None:
+    """Saved as a file (no HTTP header), the page says it is UTF-8 where browsers look
+    (the first 1024 bytes), so non-ASCII text shows intact, with a card per record."""
+    path = tmp_path / "report.html"
+    path.write_bytes(render_diff(report, format="html").encode("utf-8"))
+    raw = path.read_bytes()
+    # HTML's encoding prescan reads only the first 1024 bytes for a <meta charset>.
+    assert b'<meta charset="utf-8">' in raw[:1024].lower()
+    page = raw.decode("utf-8")
+    assert "traits.name: empty — required" in page
+    parsed = _parse(page)
+    assert parsed.open == []
+    assert parsed.cards == [r.kind for s in report.streams for r in s.records]
 
 
 @given(key=st.text(), name=st.text(), old=st.text(), new=st.text())
