@@ -330,3 +330,40 @@ def test_kill_9_mid_backfill_duplicates_at_most_the_in_flight_batches(
     assert len(ids) == 1500
     assert sum(n - 1 for n in ids.values()) <= 2 * 25
     assert all(expected_id(str(e["properties"]["amount"] - 100)) == e["event_id"] for e in events)
+
+
+def test_refused_track_events_are_bisected_kept_and_retried_once_accepted(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A 400 on a batch of track events is bisected to the refused event; the rest go
+    once, the refused one is kept (exit 3, metrics count it) and sent by a later run
+    once the server takes it, with the same id; no other event is sent again."""
+    faults = FaultPlan.from_json('{"reject_events_where": {"properties.amount": 107}}')
+    with start_receiver(store=tmp_path / "rx1.db", tokens={TOKEN}, faults=faults) as strict:
+        rig = Rig(pg_url, tmp_path, strict)
+        assert rig.cli("sync").exit_code == 0
+        rig.add([now() + dt.timedelta(days=1)] + [now()] * 39)  # one event in the future
+        metrics = tmp_path / "etl.prom"
+        first = rig.cli("sync", "--batch-size", "10", "--metrics-file", str(metrics))
+        assert first.exit_code == 3, first.stderr
+        done = done_line(first)
+        assert (done["sent"], done["rejected"], done["future"]) == (39, 1, 1)
+        assert 'etl_records_rejected{command="sync",stream="invoices_paid"} 1' in (
+            metrics.read_text()
+        )
+        assert 'etl_records_future{command="sync",stream="invoices_paid"} 1' in (
+            metrics.read_text()
+        )
+        assert any(r["status"] == 400 for r in strict.requests())
+        assert rig.cli("sync").exit_code == 3  # still refused: kept, not lost
+        refused = strict.events()
+    with start_receiver(store=tmp_path / "rx2.db", tokens={TOKEN}) as lenient:
+        rig.env = cli_env(tmp_path, pg_url, lenient.url, ETL_PAGE_SIZE="50")
+        retried = rig.cli("sync")
+        assert retried.exit_code == 0, retried.stderr
+        assert done_line(retried)["sent"] == 1
+        (event,) = lenient.events()
+    assert event["properties"]["amount"] == 107
+    assert event["event_id"] == expected_id("7")
+    assert len({e["event_id"] for e in refused}) == len(refused) == 39
+    rig.engine.dispose()

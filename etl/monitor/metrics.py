@@ -42,6 +42,11 @@ STREAM_METRICS: tuple[tuple[str, str, str], ...] = (
     ("etl_records_invalid", "Records that could not be mapped (not sent).", "invalid"),
     ("etl_records_rejected", "Records the API refused (retried by the next run).", "rejected"),
     ("etl_records_sent", "Records acknowledged by the API in the latest run.", "sent"),
+    (
+        "etl_records_future",
+        "Track events timed after the run's clock (sent as they are).",
+        "future",
+    ),
     ("etl_stream_batches", "Requests (batches) acknowledged in the latest run.", "batches"),
     ("etl_stream_retries", "Requests retried in the latest run.", "retries"),
     ("etl_stream_duration_seconds", "Wall-clock duration of the stream.", "seconds"),
