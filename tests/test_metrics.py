@@ -73,6 +73,7 @@ def test_a_sync_writes_exact_figures_per_stream(env: dict[str, str], tmp_path: P
         "etl_records_invalid": 0,
         "etl_records_rejected": 0,
         "etl_records_sent": 10,
+        "etl_records_future": 0,
     }
     assert users_figures["etl_stream_batches"] == 1
     assert users_figures["etl_stream_retries"] == 0
