@@ -433,7 +433,8 @@ def state() -> None:
 @_table_format
 @_handled
 def state_show(state_url: str, fmt: str) -> None:
-    """Per stream: watermark, records sent, pending rejects; then the rejects."""
+    """Per stream: watermark, records sent, pending rejects and invalid records, the
+    last full read; then those records with their reasons."""
     store = StateStore(state_url, readonly=True)
     try:
         streams, rejects = [_as_stored(s) for s in store.summary()], store.rejected()
@@ -451,15 +452,25 @@ def state_show(state_url: str, fmt: str) -> None:
         return
     click.echo(
         report.render_table(
-            streams, ["stream", "watermark", "records", "rejected", "checkpoint", "updated_at"]
+            streams,
+            [
+                "stream",
+                "watermark",
+                "records",
+                "rejected",
+                "invalid",
+                "last_full_read",
+                "checkpoint",
+                "updated_at",
+            ],
         )
     )
     if rejects:
-        click.echo("\nrejected records (retried by the next sync):")
+        click.echo("\nrejected and invalid records (re-read by key by every sync):")
         click.echo(
             report.render_table(
                 [dataclasses.asdict(r) for r in rejects],
-                ["stream", "key", "attempts", "last_seen", "message"],
+                ["stream", "kind", "key", "attempts", "last_seen", "message"],
             )
         )
 
@@ -516,6 +527,8 @@ def runs(state_url: str, limit: int, fmt: str) -> None:
         seconds = (row.finished_at - row.started_at).total_seconds() if row.finished_at else None
         counts = "; ".join(
             f"{s['stream']}: {s['sent']} sent, {s['invalid']} invalid, {s['rejected']} rejected"
+            + (f", {s['gone']} gone" if s.get("gone") else "")
+            + (" (full read)" if s.get("full_read") else "")
             for s in row.streams
         )
         table.append({**dataclasses.asdict(row), "seconds": seconds, "counts": counts or "-"})

@@ -24,7 +24,7 @@ StreamKind = Literal["identify", "track"]
 STREAM_KINDS: tuple[StreamKind, ...] = ("identify", "track")
 TraitType = Literal["text", "number", "integer", "boolean", "datetime", "date", "string_array"]
 FieldKind = Literal["column", "sql", "const"]
-ChangeKind = Literal["new", "changed", "unchanged", "invalid"]
+ChangeKind = Literal["new", "changed", "unchanged", "invalid", "gone"]
 # How a run ended: "partial" finished with invalid or rejected records (exit 3).
 RunStatus = Literal["ok", "partial", "failed"]
 # A stream's watermark: a timestamp cursor's horizon, or an integer cursor's largest value.
@@ -314,6 +314,8 @@ class Change:
     old: dict[str, Any] | None = None
     # trait (or id field) -> (old, new); only for kind == "changed"
     fields: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    # the event_id this key was last sent with ("" if never): the next one chains it
+    previous_event_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +389,7 @@ class StreamReport:
     full: bool = False
     # track streams: events whose time is later than the run's clock (sent as they are)
     future: int = 0
+    full_read: bool = False  # a full read in SPEC §9's sense, read to its end
     # (key, reason) of every invalid and rejected record, for the run record
     invalid_records: tuple[tuple[str, str], ...] = ()
     rejected_records: tuple[tuple[str, str], ...] = ()

@@ -55,7 +55,7 @@ class MemoryState:
             sent = self.records.get((stream, key))
             if sent is not None:
                 payload = sent.payload if with_payload else None
-                out[key] = LastSent(sent.hash, payload, sent.source_hash)
+                out[key] = LastSent(sent.hash, payload, sent.source_hash, sent.event_id)
         return out
 
     def sent_keys(self, stream: str) -> Iterator[str]:
@@ -91,6 +91,7 @@ class MemoryState:
                 attempts=old.attempts + 1 if old else 1,
                 first_seen=old.first_seen if old else T0,
                 last_seen=T0,
+                kind=r.kind,
             )
 
     def forget_rejects(self, stream: str, keys: Sequence[str]) -> None:
@@ -109,9 +110,31 @@ class MemoryState:
             updated_at=T0,
         )
 
-    def save_watermark(self, stream: str, watermark: Watermark | None, fingerprint: str) -> None:
+    def save_watermark(
+        self,
+        stream: str,
+        watermark: Watermark | None,
+        fingerprint: str,
+        *,
+        related: dict[str, Watermark | None] | None = None,
+        full_read: bool = False,
+    ) -> None:
         self._called("save_watermark", stream)
-        self.streams[stream] = StreamState(stream, watermark, fingerprint, None, T0)
+        old = self.streams.get(stream)
+        marks = {k: v for k, v in (related or {}).items() if v is not None}
+        self.streams[stream] = StreamState(
+            stream,
+            watermark,
+            fingerprint,
+            None,
+            T0,
+            # the full_every clock compares with the real clock, as the real store's does
+            full_read_at=dt.datetime.now(dt.UTC)
+            if full_read
+            else (old.full_read_at if old else None),
+            first_run_at=(old.first_run_at if old else None) or dt.datetime.now(dt.UTC),
+            related=marks if related is not None else (old.related if old else {}),
+        )
 
     def start_run(self, command: str, mode: str, *, shard: Shard | None = None) -> int | None:
         self.runs.append({"command": command, "mode": mode, "status": "running"})

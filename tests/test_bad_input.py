@@ -1577,7 +1577,7 @@ def test_a_400_for_one_record_rejects_it_alone_and_delivers_the_rest(scene: Scen
     assert "HTTP 400" in rejected[0].message
     shown = scene.run("state", "show")
     assert user_id(3) in shown.stdout
-    assert "rejected records (retried by the next sync)" in shown.stdout
+    assert "rejected and invalid records (re-read by key by every sync)" in shown.stdout
 
 
 # ================================================================ property

@@ -72,6 +72,7 @@ def test_a_sync_writes_exact_figures_per_stream(env: dict[str, str], tmp_path: P
         "etl_records_unchanged": 0,
         "etl_records_invalid": 0,
         "etl_records_rejected": 0,
+        "etl_records_gone": 0,
         "etl_records_sent": 10,
         "etl_records_future": 0,
     }

@@ -31,6 +31,7 @@ from etl.run.classify import (
     classify,
 )
 from etl.run.dryrun import collect
+from etl.run.gone import with_gone
 from etl.run.ledger import Ledger, Ref
 from etl.run.options import Collaborators, RunOptions
 from etl.run.pipeline import run_stream
@@ -420,7 +421,8 @@ def test_events_stop_mid_page_when_asked() -> None:
 
 def test_dry_run_lists_changes_up_to_the_limit_and_the_gone() -> None:
     """A dry run lists new, changed and invalid records up to its limit (the rest
-    counted as truncated) and, with list_gone, keys no longer in the source."""
+    counted as truncated) and, after a full read (with_gone), keys no longer in the
+    source."""
     state = MemoryState()
     plan = make_plan()
     send_all(state, plan, [[row(1), row(2), row(9)]])
@@ -432,7 +434,8 @@ def test_dry_run_lists_changes_up_to_the_limit_and_the_gone() -> None:
         counts=counts,
         with_payload=True,
     )
-    dry = collect(pages, plan=plan, state=state, limit=10, list_gone=True)
+    full = with_gone(pages, plan=plan, state=state, counts=counts, stop=threading.Event())
+    dry = collect(full, plan=plan, state=state, limit=10)
     assert [(r.key, r.kind) for r in dry.records] == [
         ("w2", "changed"),
         ("w3", "new"),
@@ -448,7 +451,7 @@ def test_dry_run_lists_changes_up_to_the_limit_and_the_gone() -> None:
         counts=Counts(),
         with_payload=True,
     )
-    short = collect(again, plan=plan, state=state, limit=1, list_gone=False)
+    short = collect(again, plan=plan, state=state, limit=1)
     assert ([r.key for r in short.records], short.truncated, short.gone) == (["w2"], 1, 0)
 
 

@@ -77,12 +77,13 @@ def test_the_summary_reads_back_decoded_values(store: StateStore) -> None:
 
 
 def test_a_batch_is_committed_and_looked_up_by_page(store: StateStore) -> None:
-    """Acknowledged records are found by key with their hash (and payload on request)."""
+    """Acknowledged records are found by key with their hash and event id (and payload
+    on request)."""
     sent = [Sent(f"k{i}", f"h{i}", b'{"traits":{}}', f"e{i}") for i in range(3)]
     store.commit_batch("users", sent)
     assert store.last_sent("users", ["k0", "k2", "nope"]) == {
-        "k0": LastSent("h0"),
-        "k2": LastSent("h2"),
+        "k0": LastSent("h0", event_id="e0"),
+        "k2": LastSent("h2", event_id="e2"),
     }
     assert store.last_sent("users", ["k1"], with_payload=True)["k1"].payload == b'{"traits":{}}'
     assert store.last_sent("workspaces", ["k0"]) == {}
@@ -201,8 +202,62 @@ def test_a_store_from_schema_1_is_migrated_in_place(tmp_path: Path) -> None:
     engine.dispose()
     store = StateStore(url)
     try:
-        assert store.last_sent("users", ["k1"]) == {"k1": LastSent("h1", None, None)}
+        assert store.last_sent("users", ["k1"]) == {"k1": LastSent("h1", None, None, "e1")}
         store.commit_batch("users", [Sent("k2", "h2", b"{}", "e2", "src2")])
         assert store.last_sent("users", ["k2"])["k2"].source == "src2"
+    finally:
+        store.close()
+
+
+def test_a_store_from_before_schema_5_gains_full_reads_related_watermarks_and_invalid_records(
+    tmp_path: Path,
+) -> None:
+    """Schema 5 (SPEC §9) migrates in place: a stream keeps its watermark and gains the
+    full-read clock and related watermarks; a pending reject stays a reject next to
+    remembered invalid records."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE etl_meta (name VARCHAR(64) PRIMARY KEY, value TEXT)")
+        conn.exec_driver_sql("INSERT INTO etl_meta VALUES ('schema_version', '2')")
+        conn.exec_driver_sql(
+            "CREATE TABLE etl_streams (stream VARCHAR(200) PRIMARY KEY, watermark TEXT, "
+            "watermark_kind VARCHAR(16), fingerprint VARCHAR(64), checkpoint TEXT, "
+            "updated_at DATETIME)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO etl_streams VALUES ('users', '7', 'integer', 'fp', NULL, NULL)"
+        )
+        conn.exec_driver_sql(
+            "CREATE TABLE etl_rejects (stream VARCHAR(200), key TEXT, key_values TEXT, "
+            "event_id VARCHAR(36), message TEXT, first_seen DATETIME, last_seen DATETIME, "
+            "attempts INTEGER, PRIMARY KEY (stream, key))"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO etl_rejects VALUES ('users', 'k1', '[\"k1\"]', 'e1', 'refused', "
+            "'2024-01-01 00:00:00', '2024-01-01 00:00:00', 1)"
+        )
+    engine.dispose()
+    store = StateStore(url)
+    try:
+        before = store.stream("users")
+        assert before is not None
+        assert (before.watermark, before.full_read_at, before.related) == (7, None, {})
+        store.commit_batch(
+            "users", [], [Rejected("k2", ["k2"], "", "name is only whitespace", kind="invalid")]
+        )
+        store.save_watermark("users", 9, "fp", related={"m(user_id)@u": 5}, full_read=True)
+        after = store.stream("users")
+        assert after is not None
+        assert after.related == {"m(user_id)@u": 5}
+        assert after.full_read_at is not None
+        assert after.first_run_at is not None
+        assert [(r.key, r.kind) for r in store.rejected()] == [
+            ("k1", "rejected"),
+            ("k2", "invalid"),
+        ]
+        (summary,) = store.summary()
+        assert (summary.rejected, summary.invalid) == (1, 1)
+        assert summary.last_full_read == after.full_read_at
     finally:
         store.close()

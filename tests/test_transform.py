@@ -856,20 +856,33 @@ ID_PARTS = {
     "event_type": "user_identify",
     "key": "7",
     "payload_hash": "ab",
+    "previous": "",
 }
 
 
 def test_event_id_is_a_deterministic_uuid5() -> None:
-    """The same workspace, event type, key and payload hash always give the same UUIDv5."""
+    """The same workspace, event type, key, payload hash and previous id always give the
+    same UUIDv5, computed as uuid.uuid5 would."""
     first = event_id(**ID_PARTS)
     assert uuid.UUID(first).version == 5
     assert str(uuid.UUID(first)) == first
     assert event_id(**ID_PARTS) == first
+    name = "\x1f".join(ID_PARTS.values())
+    assert first == str(uuid.uuid5(uuid.UUID("6f1c1a52-3c0e-4f43-9a43-1d2f6b7e0c11"), name))
+
+
+def test_a_payload_that_returns_chains_a_new_event_id() -> None:
+    """free -> pro -> free: the second `free` chains the `pro` event's id, so it is a new
+    event id that a downstream de-duplication cannot drop (SPEC §2)."""
+    free = event_id(**{**ID_PARTS, "payload_hash": "free"})
+    pro = event_id(**{**ID_PARTS, "payload_hash": "pro", "previous": free})
+    free_again = event_id(**{**ID_PARTS, "payload_hash": "free", "previous": pro})
+    assert len({free, pro, free_again}) == 3
 
 
 @pytest.mark.parametrize("part", sorted(ID_PARTS))
 def test_event_id_changes_when_any_part_changes(part: str) -> None:
-    """Changing any one of the four inputs gives another event id."""
+    """Changing any one of the five inputs gives another event id."""
     assert event_id(**{**ID_PARTS, part: ID_PARTS[part] + "x"}) != event_id(**ID_PARTS)
 
 

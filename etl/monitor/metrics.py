@@ -41,6 +41,11 @@ STREAM_METRICS: tuple[tuple[str, str, str], ...] = (
     ("etl_records_unchanged", "Records identical to the last sent, not sent.", "unchanged"),
     ("etl_records_invalid", "Records that could not be mapped (not sent).", "invalid"),
     ("etl_records_rejected", "Records the API refused (retried by the next run).", "rejected"),
+    (
+        "etl_records_gone",
+        "Keys sent before and no longer in the source, found by the latest full read.",
+        "gone",
+    ),
     ("etl_records_sent", "Records acknowledged by the API in the latest run.", "sent"),
     (
         "etl_records_future",

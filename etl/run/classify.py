@@ -40,6 +40,7 @@ class Counts:
     changed: int = 0
     unchanged: int = 0
     invalid: int = 0
+    gone: int = 0  # keys sent before and not met by a full read (SPEC §9)
     invalid_records: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
 
     def add(self, change: Change) -> None:
@@ -131,6 +132,7 @@ def classify(
     state: StatePort,
     counts: Counts,
     retries: RetriedRejects | None = None,
+    related: RetriedRejects | None = None,
     with_payload: bool = False,
     stop: threading.Event | None = None,
 ) -> Iterator[ClassifiedPage]:
@@ -140,7 +142,8 @@ def classify(
     unchanged without being transformed (`diff.row_fingerprint`); `force`
     transforms every row, since it sends unchanged records too. A page left
     empty by the shard or retry filters is skipped. Stops between pages once
-    `stop` is set.
+    `stop` is set. `related` are keys a related table named, re-read by key before
+    the cursor window like `retries`: a key is considered once per run.
     """
     mapping = plan.mapping
     stream = mapping.stream
@@ -152,6 +155,7 @@ def classify(
     duplicates = DuplicateKeys() if plan.duplicates_possible else None
     retries = retries if retries is not None else RetriedRejects(())
     retrying = retries.keys
+    related_keys = related.keys if related is not None else frozenset()
 
     def verdicts(keyed: list[tuple[str, Row]], last: dict[str, LastSent]) -> Iterator[Classified]:
         # A generator, not a list: one page of Records held at once costs more in
@@ -185,6 +189,8 @@ def classify(
         keyed = [(record_key(row[:n_keys]), row) for row in owned]
         if retrying:
             keyed = retries.first_sightings(keyed)
+        if related is not None and related_keys:
+            keyed = related.first_sightings(keyed)
         if not keyed:
             continue
         last = state.last_sent(stream, [key for key, _ in keyed], with_payload=with_payload)

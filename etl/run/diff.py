@@ -52,10 +52,19 @@ def verdict(record: Record, previous: LastSent | None) -> Change:
     if previous is None:
         return Change(kind="new", record=record, hash=digest)
     if previous.hash == digest:
-        return Change(kind="unchanged", record=record, hash=digest)
+        return Change(
+            kind="unchanged", record=record, hash=digest, previous_event_id=previous.event_id
+        )
     old = orjson.loads(previous.payload) if previous.payload is not None else None
     fields = field_changes(old, record.payload) if old is not None else {}
-    return Change(kind="changed", record=record, hash=digest, old=old, fields=fields)
+    return Change(
+        kind="changed",
+        record=record,
+        hash=digest,
+        old=old,
+        fields=fields,
+        previous_event_id=previous.event_id,
+    )
 
 
 def row_fingerprint(row: Sequence[Any], salt: bytes) -> str:

@@ -1,8 +1,8 @@
 """A dry run's records: what would be sent, field by field, and what is gone.
 
 `collect()` reads classified pages and keeps the records a diff report lists
-(new, changed, invalid; with `list_gone`, keys sent before that are no longer
-in the source). Writes nothing anywhere.
+(new, changed, invalid, and after a full read the keys sent before that are no
+longer in the source: etl.run.gone). Writes nothing anywhere.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from etl.model import Change, DiffRecord
 from etl.run.classify import ClassifiedPage
-from etl.run.diff import ABSENT
+from etl.run.diff import ABSENT, field_changes
 from etl.run.plan import StreamPlan
 from etl.run.ports import StatePort
 
@@ -33,33 +33,21 @@ def collect(
     plan: StreamPlan,
     state: StatePort,
     limit: int | None,
-    list_gone: bool,
 ) -> DryRun:
-    """Every record a sync would act on, up to `limit` listed (the rest counted)."""
+    """Every record a sync would act on, up to `limit` listed (the rest counted);
+    gone keys come as `gone` changes (etl.run.gone, on a full read)."""
     records: list[DiffRecord] = []
     truncated = 0
-    seen: set[str] | None = set() if list_gone else None
+    gone = 0
     for page in pages:
-        if seen is not None:
-            seen.update(key for key, _ in page.keyed)
         for change, _, _ in page.changes:
             if change.kind == "unchanged":
                 continue
+            gone += change.kind == "gone"
             if limit is not None and len(records) >= limit:
                 truncated += 1
             else:
                 records.append(_diff_record(change))
-    gone = 0
-    if seen is not None:
-        # Keys sent before and no longer in the source (information only).
-        for key in state.sent_keys(plan.mapping.stream):
-            if key in seen or not plan.owns(key):
-                continue
-            gone += 1
-            if limit is not None and len(records) >= limit:
-                truncated += 1
-            else:
-                records.append(DiffRecord(key=key, kind="gone"))
     return DryRun(records=tuple(records), truncated=truncated, gone=gone)
 
 
@@ -67,6 +55,15 @@ def _diff_record(change: Change) -> DiffRecord:
     record = change.record
     if change.kind == "invalid":
         return DiffRecord(key=record.key, kind="invalid", reason=record.reason)
+    if change.kind == "gone":
+        # with on_gone and not sent yet: the gone payload's traits, and what on_gone sets
+        traits = dict((record.payload or {}).get("traits", {}))
+        return DiffRecord(
+            key=record.key,
+            kind="gone",
+            traits=traits,
+            changes={name: _sides(old, new) for name, (old, new) in _gone_fields(change).items()},
+        )
     payload = record.payload or {}
     traits = dict(payload.get("traits", {}))
     if change.kind == "new":
@@ -77,6 +74,12 @@ def _diff_record(change: Change) -> DiffRecord:
         traits=traits,
         changes={name: _sides(old, new) for name, (old, new) in change.fields.items()},
     )
+
+
+def _gone_fields(change: Change) -> dict[str, tuple[Any, Any]]:
+    if change.old is None or change.record.payload is None:
+        return {}
+    return field_changes(change.old, change.record.payload)
 
 
 def _sides(old: Any, new: Any) -> dict[str, Any]:

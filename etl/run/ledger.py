@@ -108,6 +108,19 @@ class Ledger:
         self._checkpoint()
         return committed
 
+    def invalid(self, records: list[tuple[str, tuple[Any, ...], str]]) -> None:
+        """Remember a page's invalid records (key, source row, reason) in the state
+        store, to be re-read by key and counted by every run while they stay invalid
+        (SPEC §4). A record whose key has a NULL part cannot be re-read: not kept."""
+        n_keys = self._n_keys
+        kept = [
+            Rejected(key, list(row[:n_keys]), "", reason, kind="invalid")
+            for key, row, reason in records
+            if None not in row[:n_keys]
+        ]
+        if kept:
+            self._write(self._state.commit_batch, self._stream, [], kept, clear_rejects=False)
+
     def _acknowledge(self, first: int, last: int) -> None:
         """Advance `_acked` over a batch's numbers, once no gap is left below them
         (the loader reports batches in order; this does not depend on it)."""

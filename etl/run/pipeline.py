@@ -36,14 +36,17 @@ from etl.model import (
 )
 from etl.run.classify import ClassifiedPage, Counts, RetriedRejects, Row, classify
 from etl.run.dryrun import DryRun, collect
+from etl.run.gone import with_gone
 from etl.run.ledger import Ledger
 from etl.run.options import Collaborators, Progress, RunOptions
 from etl.run.plan import StreamPlan, plan_stream, state_name_of
 from etl.run.send import send
 from etl.run.track import check_track_run, run_track_stream
+from etl.run.transform import record_key
 from etl.source import extract
 from etl.source.check import explain_failure
 from etl.source.horizon import Horizon, lower_bound, safe_horizon
+from etl.state.store import StreamState
 
 log: FilteringBoundLogger = structlog.get_logger("etl")
 
@@ -95,6 +98,7 @@ def _run_streams(reports: list[StreamReport]) -> list[dict[str, Any]]:
             "stream": r.stream,
             **r.counts(),
             "watermark": r.watermark,
+            "full_read": r.full_read,
             "seconds": round(r.seconds, 3),
             "invalid_records": [list(x) for x in r.invalid_records[:100]],
             "rejected_records": [list(x) for x in r.rejected_records[:100]],
@@ -120,7 +124,7 @@ def _run_stream(
 ) -> tuple[StreamReport, DiffStream | None]:
     started = time.monotonic()
     bound = log.bind(stream=mapping.stream)
-    plan = _plan(mapping, options=options, io=io, bound=bound)
+    plan, previous = _plan(mapping, options=options, io=io, bound=bound)
     rejects = io.state.rejected(mapping.stream)  # read once per stream
     # In cursor order the pending rejects are re-read first, by key; a row also in
     # the cursor window comes twice, and RetriedRejects keeps the first sighting.
@@ -139,7 +143,17 @@ def _run_stream(
         checkpoints=plan.backfill,
     )
     retry_keys = [r.key_values for r in rejects if retries is not None and r.key in retries.keys]
-    read = _read(plan, retry_keys, retries, counts, ledger, options=options, io=io, bound=bound)
+    read = _read(
+        plan,
+        retry_keys,
+        retries,
+        counts,
+        ledger,
+        previous=previous,
+        options=options,
+        io=io,
+        bound=bound,
+    )
     if io.stop.is_set():
         raise StoppedError(
             f"stream {mapping.stream}: stopped by a signal after the in-flight batches were "
@@ -150,7 +164,14 @@ def _run_stream(
         if settled:
             io.state.forget_rejects(mapping.stream, settled)
             bound.info("rejects.settled", count=len(settled))
-        io.state.save_watermark(plan.state_name, read.horizon.value, mapping.fingerprint)
+        # related watermarks with the stream's, after the stream succeeded (SPEC §9)
+        io.state.save_watermark(
+            plan.state_name,
+            read.horizon.value,
+            mapping.fingerprint,
+            related=read.related_marks if mapping.related else None,
+            full_read=plan.full_read,
+        )
     report = _report(plan, counts, ledger, read, seconds=time.monotonic() - started)
     _log_done(bound, report, dry_run=plan.dry_run)
     return report, (_diff_stream(report, read.dry) if read.dry else None)
@@ -164,6 +185,7 @@ class _Read:
     null_cursor: int | None  # dry run: rows an incremental sync never sees
     stats: DeliveryStats
     dry: DryRun | None
+    related_marks: dict[str, Watermark | None]  # each related entry's new watermark
 
 
 def _read(
@@ -173,6 +195,7 @@ def _read(
     counts: Counts,
     ledger: Ledger,
     *,
+    previous: StreamState | None,
     options: RunOptions,
     io: Collaborators,
     bound: FilteringBoundLogger,
@@ -189,6 +212,18 @@ def _read(
         _note_limits(horizon, io=io, bound=bound)
         total = extract.estimate_rows(conn, mapping, src) if io.progress else None
         null_cursor = extract.count_null_cursors(conn, mapping, src) if plan.dry_run else None
+        related = _related_reads(
+            conn,
+            mapping,
+            plan=plan,
+            previous=previous,
+            now=horizon.clock,
+            options=options,
+            exclude=retries.keys if retries is not None else frozenset(),
+        )
+        related_first = (
+            RetriedRejects(record_key(values) for values in related.keys) if related.keys else None
+        )
         pages = _pages(
             conn,
             mapping,
@@ -196,6 +231,7 @@ def _read(
             plan=plan,
             now=horizon.clock,
             retry_keys=retry_keys,
+            related_keys=related.keys,
             page_size=options.page_size,
         )
         # closing(): whatever happens below, the prefetch thread is stopped (and
@@ -207,13 +243,24 @@ def _read(
                 state=io.state,
                 counts=counts,
                 retries=retries,
+                related=related_first,
                 with_payload=plan.dry_run,
                 stop=io.stop,
             )
+            if plan.finds_gone:
+                classified = with_gone(
+                    classified, plan=plan, state=io.state, counts=counts, stop=io.stop
+                )
             if io.progress:
                 classified = _reported(classified, counts, io.progress, mapping.stream, total)
             dry, stats = _act(classified, plan=plan, ledger=ledger, options=options, io=io)
-    return _Read(horizon=horizon, null_cursor=null_cursor, stats=stats, dry=dry)
+    return _Read(
+        horizon=horizon,
+        null_cursor=null_cursor,
+        stats=stats,
+        dry=dry,
+        related_marks=related.marks,
+    )
 
 
 def _report(
@@ -233,11 +280,12 @@ def _report(
         sent=stats.sent,
         batches=stats.batches,
         retries=stats.retries,
-        gone=read.dry.gone if read.dry else 0,
+        gone=counts.gone,
         null_cursor=read.null_cursor,
         watermark=_iso(read.horizon.value),
         seconds=seconds,
         full=plan.full,
+        full_read=plan.full_read and not plan.dry_run,
         invalid_records=tuple(counts.invalid_records),
         rejected_records=tuple(ledger.rejected_records),
     )
@@ -245,7 +293,7 @@ def _report(
 
 def _plan(
     mapping: Mapping, *, options: RunOptions, io: Collaborators, bound: FilteringBoundLogger
-) -> StreamPlan:
+) -> tuple[StreamPlan, StreamState | None]:
     """The stream's plan, from what the state store knows of it; logs what it decided."""
     previous = io.state.stream(state_name_of(mapping, options.shard))
     plan = plan_stream(
@@ -254,12 +302,75 @@ def _plan(
         options=options,
         api_key=io.delivery.api_key,
         workspace_key=io.delivery.workspace_key,
+        now=dt.datetime.now(dt.UTC),
     )
     if plan.mapping_changed:
         bound.info("stream.mapping_changed", action="full diff")
+    if plan.full_every_due and previous is not None:
+        last = previous.full_read_at
+        bound.info(
+            "stream.full_read",
+            reason="full_every",
+            last_full_read=last.isoformat() if last else None,
+        )
     if plan.checkpoint:
         bound.info("backfill.resume", after=list(plan.checkpoint))
-    return plan
+    return plan, previous
+
+
+@dataclass(frozen=True)
+class RelatedReads:
+    """What a stream's `related:` tables said this run: the stream keys to re-read
+    (distinct key values, in the stream's key layout) and each entry's new watermark."""
+
+    keys: list[tuple[Any, ...]]
+    marks: dict[str, Watermark | None]
+
+
+def _related_reads(
+    conn: Connection,
+    mapping: Mapping,
+    *,
+    plan: StreamPlan,
+    previous: StreamState | None,
+    now: dt.datetime | None,
+    options: RunOptions,
+    exclude: frozenset[str],
+) -> RelatedReads:
+    """Read each related table incrementally for keys only (SPEC §9).
+
+    Each entry's watermark is its own safe horizon, taken in this snapshot. An
+    entry without a watermark yet (new), or a read that considers every row
+    anyway (a full read, a first run, a re-map), reads no keys: it only starts
+    its watermark. Keys are deduplicated across entries; `exclude` (pending
+    rejects, re-read anyway) are left out.
+    """
+    if not mapping.related:
+        return RelatedReads([], {})
+    marks: dict[str, Watermark | None] = {}
+    keys: list[tuple[Any, ...]] = []
+    seen: set[str] = set(exclude)
+    known = previous.related if previous is not None else {}
+    for related in mapping.related:
+        as_stream = extract.related_mapping(mapping, related)
+        src = extract.related_from(conn, related)
+        mark = safe_horizon(
+            conn, as_stream, src, max_transaction_age=options.max_transaction_age
+        ).value
+        marks[related.label] = mark
+        before = known.get(related.label)
+        if plan.order != "cursor" or plan.since is None or before is None:
+            continue
+        lower = lower_bound(conn, as_stream, before, now=now)
+        for page in extract.read_related_keys(
+            conn, mapping, related, src, lower=lower, page_size=options.page_size
+        ):
+            for values in page:
+                key = record_key(values)
+                if key not in seen and plan.owns(key):
+                    seen.add(key)
+                    keys.append(values)
+    return RelatedReads(keys, marks)
 
 
 def _act(
@@ -277,7 +388,6 @@ def _act(
             plan=plan,
             state=io.state,
             limit=options.diff_limit,
-            list_gone=options.mode == "full",
         )
         return dry, DeliveryStats()
     if io.client is None:
@@ -330,6 +440,7 @@ def _log_done(bound: FilteringBoundLogger, report: StreamReport, *, dry_run: boo
         sent=report.sent,
         batches=report.batches,
         retries=report.retries,
+        gone=report.gone,
         watermark=report.watermark,
         seconds=round(report.seconds, 3),
         mode="full" if report.full else "incremental",
@@ -370,9 +481,11 @@ def _pages(
     plan: StreamPlan,
     now: dt.datetime | None,
     retry_keys: Sequence[Sequence[Any]],
+    related_keys: Sequence[Sequence[Any]],
     page_size: int,
 ) -> Generator[list[Row], None, None]:
-    """Rows to consider: earlier rejects first (re-read by key), then the pages."""
+    """Rows to consider: earlier rejects and invalid records first (re-read by key),
+    then records related tables named (by key), then the cursor window's pages."""
     if plan.order == "key":
         yield from extract.prefetch(
             extract.read_pages(
@@ -390,6 +503,11 @@ def _pages(
         rows = extract.read_keys(
             conn, mapping, src, retry_keys[start : start + page_size], shard=plan.shard
         )
+        if rows:
+            yield rows
+    for start in range(0, len(related_keys), page_size):
+        chunk = related_keys[start : start + page_size]
+        rows = extract.read_keys(conn, mapping, src, chunk, shard=plan.shard, with_cursor=True)
         if rows:
             yield rows
     lower = lower_bound(conn, mapping, plan.since, now=now) if plan.since is not None else None

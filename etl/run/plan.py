@@ -7,6 +7,7 @@ connection, no clock, no logging.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,11 +48,25 @@ class StreamPlan:
     force: bool  # send (and so transform) records even when unchanged
     dry_run: bool
     backfill: bool  # save a checkpoint as pages are acknowledged
+    full_every_due: bool = False  # a sync made a full read by `full_every` (SPEC §9)
 
     @property
     def full(self) -> bool:
         """Every row is considered (not only those past the watermark)."""
         return self.order == "key" or self.since is None
+
+    @property
+    def full_read(self) -> bool:
+        """A full read in SPEC §9's sense once it reads to its end: every row in key
+        order, NULL cursors included (`--full`, `full_every`, a backfill, a mapping
+        without a cursor). Restarts the `full_every` clock."""
+        return self.order == "key"
+
+    @property
+    def finds_gone(self) -> bool:
+        """Gone keys are found when the whole pass is this run's: a backfill resumed
+        after a checkpoint read only part of the keys."""
+        return self.full_read and self.checkpoint is None
 
     def owns(self, key: str) -> bool:
         """Whether this worker handles the record (always, without a shard)."""
@@ -65,10 +80,15 @@ def plan_stream(
     options: RunOptions,
     api_key: str,
     workspace_key: str,
+    now: dt.datetime | None = None,
 ) -> StreamPlan:
-    """The plan of one stream, from what the state store knows of it (`previous`)."""
+    """The plan of one stream, from what the state store knows of it (`previous`);
+    `now` (the state side's clock) decides whether `full_every` is due."""
     shard = options.shard
     order, since, changed = _read_bounds(mapping, previous, options)
+    due = order == "cursor" and since is not None and full_every_due(mapping, previous, now)
+    if due:
+        order, since = "key", None
     checkpoint = (
         tuple(previous.checkpoint)
         if options.mode == "backfill" and previous and previous.checkpoint and not options.restart
@@ -92,7 +112,20 @@ def plan_stream(
         force=options.force,
         dry_run=options.dry_run,
         backfill=options.mode == "backfill",
+        full_every_due=due,
     )
+
+
+def full_every_due(mapping: Mapping, previous: StreamState | None, now: dt.datetime | None) -> bool:
+    """Whether the stream's last full read (else its first run) is older than
+    `full_every` (SPEC §9). The clock starts at a stream's first run, so a first
+    sync is not made a full read by it."""
+    if mapping.full_every_seconds is None or previous is None or now is None:
+        return False
+    clock = previous.full_clock
+    if clock is None:
+        return False
+    return (now - clock).total_seconds() >= mapping.full_every_seconds
 
 
 def state_name_of(mapping: Mapping, shard: Shard | None) -> str:

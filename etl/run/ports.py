@@ -61,8 +61,17 @@ class StatePort(Protocol):
         """Remember the last key a backfill had everything acknowledged up to."""
         ...
 
-    def save_watermark(self, stream: str, watermark: Watermark | None, fingerprint: str) -> None:
-        """Advance a stream after all of it was delivered (clears its checkpoint)."""
+    def save_watermark(
+        self,
+        stream: str,
+        watermark: Watermark | None,
+        fingerprint: str,
+        *,
+        related: dict[str, Watermark | None] | None = None,
+        full_read: bool = False,
+    ) -> None:
+        """Advance a stream after all of it was delivered (clears its checkpoint), with
+        its related tables' watermarks; `full_read` restarts the full_every clock."""
         ...
 
     def start_run(self, command: str, mode: str, *, shard: Shard | None = None) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import httpx
 
@@ -55,10 +56,16 @@ def events(
     context = plan.context
     workspace_key, event_type = context.workspace_key, context.event_type
     for page in pages:
+        invalid: list[tuple[str, tuple[Any, ...], str]] = []
         for change, row, source_hash in page.changes:
             kind = change.kind
-            if kind == "invalid" or (kind == "unchanged" and not send_unchanged):
+            if kind == "invalid":
+                invalid.append((change.record.key, row, change.record.reason or ""))
                 continue
+            if kind == "unchanged" and not send_unchanged:
+                continue
+            if kind == "gone" and change.record.payload is None:
+                continue  # no on_gone, or its payload was sent already
             if stop.is_set():
                 # A signal: queue nothing more, not even the rest of this page (a pod
                 # has ~30 s of grace); the batches in flight finish, the run stops.
@@ -73,8 +80,12 @@ def events(
                 event_type=event_type,
                 key=record.key,
                 payload_hash=digest,
+                previous=change.previous_event_id,
             )
             body = to_event(record.payload, event_id=eid, context=context)
-            sent = Sent(record.key, digest, record.canonical, eid, source_hash)
+            # a gone record has no row: no digest, so a key that comes back is re-mapped
+            sent = Sent(record.key, digest, record.canonical, eid, source_hash or None)
             yield Outgoing(key=record.key, event_id=eid, body=body, ref=ledger.ref(sent, row))
+        if invalid:
+            ledger.invalid(invalid)
         ledger.page_done(page.last_key_values)

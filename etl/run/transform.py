@@ -62,13 +62,20 @@ def canonical(payload: dict[str, Any]) -> bytes:
     return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
 
 
-def event_id(*, workspace_key: str, event_type: str, key: str, payload_hash: str) -> str:
-    """SPEC §2: UUIDv5 over (workspace_key, event_type, record key, payload hash).
+def event_id(
+    *, workspace_key: str, event_type: str, key: str, payload_hash: str, previous: str = ""
+) -> str:
+    """SPEC §2: UUIDv5 over (workspace_key, event_type, record key, payload hash,
+    the record's previous sent event_id or "").
 
-    The same bytes as `uuid.uuid5`, without building UUID objects: this runs
-    once per event sent.
+    A retry or re-run of the same send gets the same id (`previous` moves only
+    once a send was acknowledged); a record that returns to an earlier payload
+    (free -> pro -> free, or back after on_gone) chains a different previous id,
+    so it gets a new one that no downstream de-duplication drops. The same
+    bytes as `uuid.uuid5`, without building UUID objects: this runs once per
+    event sent.
     """
-    name = "\x1f".join((workspace_key, event_type, key, payload_hash))
+    name = "\x1f".join((workspace_key, event_type, key, payload_hash, previous))
     digest = bytearray(
         hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()[:16]
     )

@@ -13,6 +13,7 @@ raw SQL, and they run read-only. The watermark maths is in `horizon`, the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 from collections.abc import Generator, Iterator, Sequence
@@ -345,18 +346,67 @@ def read_keys(
     keys: Sequence[Sequence[Any]],
     *,
     shard: Shard | None = None,
+    with_cursor: bool = False,
 ) -> list[tuple[Any, ...]]:
-    """The rows of the given key values (to retry previously rejected records);
-    with `shard`, only those it owns."""
+    """The rows of the given key values (to retry rejected and invalid records, or
+    re-read records a related table names); with `shard`, only those it owns;
+    `with_cursor` leaves out rows whose cursor is NULL (SPEC §5: only full reads
+    see them)."""
     if not keys:
         return []
     query = build_query(mapping, src, order="key", limit=None, shard=shard)
+    if with_cursor and mapping.cursor:
+        query = query.where(src.c[mapping.cursor].is_not(None))
     columns = [src.c[k] for k in mapping.key]
     if len(columns) == 1:
         query = query.where(columns[0].in_([k[0] for k in keys]))
     else:
         query = query.where(sa.tuple_(*columns).in_([tuple(k) for k in keys]))
     return _fetch_page(execute(conn, mapping, query))
+
+
+def related_mapping(mapping: Mapping, related: Related) -> Mapping:
+    """A stream's mapping as seen through one `related:` entry: its source, key,
+    cursor and lookback (the stream's path, name and time zone), so the horizon and
+    lower-bound functions of streams serve related tables too."""
+    return dataclasses.replace(
+        mapping,
+        source=related.source,
+        key=related.key,
+        cursor=related.cursor,
+        lookback_seconds=related.lookback_seconds,
+        traits=(),
+        related=(),
+    )
+
+
+def read_related_keys(
+    conn: Connection,
+    mapping: Mapping,
+    related: Related,
+    src: sa.FromClause,
+    *,
+    lower: Any,
+    page_size: int = READ.page_size,
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The distinct key values of a related table's rows whose cursor is at or above
+    `lower`, streamed in partitions (keys only: SPEC §9)."""
+    keys = [src.c[k] for k in related.key]
+    query = (
+        sa.select(*keys)
+        .distinct()
+        .select_from(src)
+        .where(*(k.is_not(None) for k in keys))
+        .where(src.c[related.cursor] >= sa.bindparam("lower", lower))
+    )
+    if related.source.where:
+        query = query.where(raw_sql(f"({related.source.where}\n)"))
+    result = execute(conn, mapping, query.execution_options(yield_per=page_size))
+    try:
+        for partition in result.partitions():
+            yield [tuple(row) for row in partition]
+    finally:
+        result.close()
 
 
 def _fetch_page(result: sa.CursorResult[Any]) -> list[tuple[Any, ...]]:

@@ -27,7 +27,9 @@ log = structlog.get_logger("etl")
 # 3: shards own keys by MD5 (model.shard_bucket) instead of BLAKE2b: shard states
 #    restart from their stream's lowest shard watermark (_restart_moved_shards).
 # 4: etl_track and etl_track_ledger (track streams, SPEC §10).
-SCHEMA_VERSION = 4
+# 5: full reads and related tables (SPEC §9): etl_streams.full_read_at/first_run_at,
+#    etl_related watermarks, etl_rejects.kind ("invalid" records are remembered too).
+SCHEMA_VERSION = 5
 
 metadata = sa.MetaData()
 
@@ -45,6 +47,20 @@ streams_table = sa.Table(
     sa.Column("watermark_kind", sa.String(16)),  # "datetime" | "integer"
     sa.Column("fingerprint", sa.String(64)),
     sa.Column("checkpoint", sa.Text),  # backfill: JSON list of the last acknowledged key
+    sa.Column("updated_at", sa.DateTime(timezone=True)),
+    # SPEC §9: when the last full read ended, and when the stream first ran (the
+    # full_every clock starts there until a full read happened)
+    sa.Column("full_read_at", sa.DateTime(timezone=True)),
+    sa.Column("first_run_at", sa.DateTime(timezone=True)),
+)
+related_table = sa.Table(
+    "etl_related",
+    metadata,
+    # the stream's state name (per shard) and the related entry's label (Related.label)
+    sa.Column("stream", sa.String(200), primary_key=True),
+    sa.Column("related", sa.String(300), primary_key=True),
+    sa.Column("watermark", sa.Text),
+    sa.Column("watermark_kind", sa.String(16)),
     sa.Column("updated_at", sa.DateTime(timezone=True)),
 )
 records_table = sa.Table(
@@ -72,6 +88,9 @@ rejects_table = sa.Table(
     sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False),
     sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
+    # "rejected" (the API refused it; NULL in stores from before schema 5) or
+    # "invalid" (never sendable as read); both are re-read by key every run
+    sa.Column("kind", sa.String(16)),
 )
 # Track streams (SPEC §10): per stream (and shard) where incremental reads start
 # (`start`, the safe horizon of its first run), the floor they never go below,
@@ -235,6 +254,9 @@ def _foreign_table(inspector: sa.Inspector) -> str | None:
 _MIGRATED = {
     ("etl_records", "source_hash"): "VARCHAR(32)",
     ("etl_runs", "shard"): "VARCHAR(32)",
+    ("etl_streams", "full_read_at"): "TIMESTAMP WITH TIME ZONE",
+    ("etl_streams", "first_run_at"): "TIMESTAMP WITH TIME ZONE",
+    ("etl_rejects", "kind"): "VARCHAR(16)",
 }
 
 

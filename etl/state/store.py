@@ -19,7 +19,7 @@ import datetime as dt
 import os
 import socket
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, overload
 
 import orjson
@@ -35,6 +35,7 @@ from etl.state.schema import (
     open_engine,
     records_table,
     rejects_table,
+    related_table,
     runs_table,
     safe_url,
     streams_table,
@@ -53,6 +54,8 @@ class LastSent(NamedTuple):
     payload: bytes | None = None
     # row_fingerprint() of the source row it was made from: equal => unchanged
     source: str | None = None
+    # the event_id it was sent with: the next event of this key chains it (SPEC §2)
+    event_id: str = ""
 
 
 class Sent(NamedTuple):
@@ -72,6 +75,7 @@ class Rejected(NamedTuple):
     key_values: list[Any]
     event_id: str
     message: str
+    kind: str = "rejected"  # or "invalid": not sendable as read (the message is the reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,7 @@ class PendingReject:
     attempts: int
     first_seen: dt.datetime
     last_seen: dt.datetime
+    kind: str = "rejected"  # or "invalid"
 
 
 class LedgerEntry(NamedTuple):
@@ -147,6 +152,14 @@ class StreamState:
     fingerprint: str | None
     checkpoint: list[Any] | None
     updated_at: dt.datetime | None
+    full_read_at: dt.datetime | None = None  # when the last full read ended (SPEC §9)
+    first_run_at: dt.datetime | None = None
+    related: dict[str, Watermark] = field(default_factory=dict)  # Related.label -> watermark
+
+    @property
+    def full_clock(self) -> dt.datetime | None:
+        """Since when the `full_every` clock runs: the last full read, else the first run."""
+        return self.full_read_at or self.first_run_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +173,8 @@ class StreamSummary:
     rejected: int
     checkpoint: list[Any] | None
     updated_at: dt.datetime | None
+    invalid: int = 0  # invalid records remembered, re-read by every run (SPEC §4)
+    last_full_read: dt.datetime | None = None  # SPEC §9
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +316,12 @@ class StateStore:
             row = conn.execute(
                 sa.select(streams_table).where(streams_table.c.stream == name)
             ).one_or_none()
+            related = {
+                r.related: decode_watermark(r.watermark, r.watermark_kind)
+                for r in conn.execute(
+                    sa.select(related_table).where(related_table.c.stream == name)
+                )
+            }
         if row is None:
             return None
         return StreamState(
@@ -309,12 +330,31 @@ class StateStore:
             fingerprint=row.fingerprint,
             checkpoint=orjson.loads(row.checkpoint) if row.checkpoint else None,
             updated_at=_aware(row.updated_at),
+            full_read_at=_aware(row.full_read_at),
+            first_run_at=_aware(row.first_run_at),
+            related={label: mark for label, mark in related.items() if mark is not None},
         )
 
-    def save_watermark(self, stream: str, watermark: Watermark | None, fingerprint: str) -> None:
-        """Advance a stream (after all of it was delivered) and clear its checkpoint."""
+    def save_watermark(
+        self,
+        stream: str,
+        watermark: Watermark | None,
+        fingerprint: str,
+        *,
+        related: dict[str, Watermark | None] | None = None,
+        full_read: bool = False,
+    ) -> None:
+        """Advance a stream (after all of it was delivered) and clear its checkpoint,
+        with its related tables' watermarks, in one transaction; `full_read` says the
+        run read every row (SPEC §9), which restarts the `full_every` clock."""
         text, kind = encode_watermark(watermark) if watermark is not None else (None, None)
+        now = _now()
         with self._begin() as conn:
+            old = conn.execute(
+                sa.select(streams_table.c.full_read_at, streams_table.c.first_run_at).where(
+                    streams_table.c.stream == stream
+                )
+            ).one_or_none()
             upsert(
                 conn,
                 streams_table,
@@ -325,11 +365,31 @@ class StateStore:
                         "watermark_kind": kind,
                         "fingerprint": fingerprint,
                         "checkpoint": None,
-                        "updated_at": _now(),
+                        "updated_at": now,
+                        "full_read_at": now if full_read else (old.full_read_at if old else None),
+                        "first_run_at": (old.first_run_at if old else None) or now,
                     }
                 ],
                 ["stream"],
             )
+            if related is not None:
+                conn.execute(sa.delete(related_table).where(related_table.c.stream == stream))
+                rows = []
+                for label, mark in related.items():
+                    mark_text, mark_kind = (
+                        encode_watermark(mark) if mark is not None else (None, None)
+                    )
+                    rows.append(
+                        {
+                            "stream": stream,
+                            "related": label,
+                            "watermark": mark_text,
+                            "watermark_kind": mark_kind,
+                            "updated_at": now,
+                        }
+                    )
+                if rows:
+                    conn.execute(sa.insert(related_table), rows)
 
     def save_checkpoint(self, stream: str, checkpoint: Sequence[Any] | None) -> None:
         """Remember the last key a backfill had delivered everything up to."""
@@ -363,6 +423,14 @@ class StateStore:
                     sa.or_(track_table.c.stream == stream, track_table.c.stream.like(stream + "#%"))
                 )
             )
+            conn.execute(
+                sa.delete(related_table).where(
+                    sa.or_(
+                        related_table.c.stream == stream,
+                        related_table.c.stream.startswith(f"{stream}#", autoescape=True),
+                    )
+                )
+            )
         return int(forgotten)
 
     # ------------------------------------------------------------ records
@@ -377,7 +445,7 @@ class StateStore:
         """
         if self._engine is None or not keys:
             return {}
-        columns = "key, hash, source_hash, payload" if with_payload else "key, hash, source_hash"
+        columns = "key, hash, source_hash, event_id" + (", payload" if with_payload else "")
         with self._begin() as conn:
             if conn.dialect.name == "postgresql":
                 result = conn.exec_driver_sql(
@@ -393,8 +461,8 @@ class StateStore:
             rows = result.cursor.fetchall()  # the driver's tuples, no Row objects
             result.close()
         if with_payload:
-            return {r[0]: LastSent(r[1], r[3].encode(), r[2]) for r in rows}
-        return {r[0]: LastSent(r[1], None, r[2]) for r in rows}
+            return {r[0]: LastSent(r[1], r[4].encode(), r[2], r[3]) for r in rows}
+        return {r[0]: LastSent(r[1], None, r[2], r[3]) for r in rows}
 
     def sent_keys(self, stream: str) -> Iterator[str]:
         """Every key ever acknowledged for a stream (for `diff --full`'s "gone")."""
@@ -454,6 +522,7 @@ class StateStore:
                 message=r.message,
                 last_seen=now,
                 attempts=rejects_table.c.attempts + 1,
+                kind=r.kind,
             )
         ).rowcount
         if not updated:
@@ -467,6 +536,7 @@ class StateStore:
                     first_seen=now,
                     last_seen=now,
                     attempts=1,
+                    kind=r.kind,
                 )
             )
 
@@ -488,6 +558,7 @@ class StateStore:
                     attempts=r.attempts,
                     first_seen=_aware(r.first_seen),
                     last_seen=_aware(r.last_seen),
+                    kind=r.kind or "rejected",
                 )
                 for r in conn.execute(query)
             ]
@@ -721,15 +792,18 @@ class StateStore:
                     )
                 ).all()
             )
-            rejects: dict[str, int] = dict(
-                conn.execute(
-                    sa.select(rejects_table.c.stream, sa.func.count()).group_by(
-                        rejects_table.c.stream
-                    )
-                ).all()
-            )
+            pending: dict[tuple[str, str], int] = {
+                (stream, kind or "rejected"): int(n)
+                for stream, kind, n in conn.execute(
+                    sa.select(
+                        rejects_table.c.stream, rejects_table.c.kind, sa.func.count()
+                    ).group_by(rejects_table.c.stream, rejects_table.c.kind)
+                )
+            }
             streams = conn.execute(sa.select(streams_table).order_by(streams_table.c.stream)).all()
-        names = sorted({s.stream for s in streams} | counts.keys() | rejects.keys())
+        rejects = {s: n for (s, kind), n in pending.items() if kind == "rejected"}
+        invalid = {s: n for (s, kind), n in pending.items() if kind == "invalid"}
+        names = sorted({s.stream for s in streams} | counts.keys() | {s for s, _ in pending})
         by_name = {s.stream: s for s in streams}
         out = []
         for name in names:
@@ -740,6 +814,8 @@ class StateStore:
                     watermark=decode_watermark(row.watermark, row.watermark_kind) if row else None,
                     records=counts.get(name, 0),
                     rejected=rejects.get(name, 0),
+                    invalid=invalid.get(name, 0),
+                    last_full_read=_aware(row.full_read_at) if row else None,
                     checkpoint=orjson.loads(row.checkpoint) if row and row.checkpoint else None,
                     updated_at=_aware(row.updated_at) if row else None,
                 )
