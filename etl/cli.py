@@ -491,14 +491,18 @@ def _as_stored(summary: StreamSummary) -> dict[str, Any]:
 @click.option("--stream", required=True, metavar="NAME", help="The stream to forget.")
 @_handled
 def state_reset(state_url: str, stream: str) -> None:
-    """Forget a stream's state: its next sync re-sends every record."""
+    """Forget a stream's state: its next sync re-sends every record (a track
+    stream's starts afresh at the safe horizon; a backfill re-sends its history)."""
     store = StateStore(state_url)
     try:
         store.acquire("state reset")
         forgotten = store.reset(stream)
     finally:
         store.close()
-    click.echo(f"reset {stream}: forgot {forgotten} record(s); the next sync re-sends them all")
+    click.echo(
+        f"reset {stream}: forgot {forgotten} record(s); the next sync re-sends them all "
+        "(a track stream: starts afresh at the safe horizon, `etl backfill` sends its history)"
+    )
 
 
 @main.command()

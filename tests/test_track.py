@@ -332,3 +332,40 @@ def test_future_and_bad_rows_are_counted_and_the_run_goes_on(
     assert done["invalid"] == 1
     assert done["sent"] == 2
     assert sorted(e["event_type"] for e in receiver.events()) == ["paid", "signed_up"]
+
+
+def test_validate_check_source_names_a_missing_timestamp_or_name_column(
+    invoices: dict[str, str], tmp_path: Path
+) -> None:
+    """--check-source checks a track stream's timestamp and per-row name columns."""
+    path = tmp_path / "mappings" / "invoices.yml"
+    path.write_text(
+        path.read_text()
+        .replace("timestamp: paid_at", "timestamp: paid_on")
+        .replace("{column: kind}", "{column: kind_of}")
+    )
+    result = run_cli(["validate", "--check-source"], invoices)
+    assert result.exit_code == 2
+    assert "invoices.yml: timestamp: no column 'paid_on' in the source" in result.stderr
+    assert "invoices.yml: event_type: no column 'kind_of' in the source" in result.stderr
+
+
+def test_state_reset_forgets_a_track_stream_so_history_can_be_sent_again(
+    invoices: dict[str, str], receiver: Any
+) -> None:
+    """After `etl state reset --stream`, a backfill needs no --force and sends the
+    history again (same ids); before it, a second backfill is refused."""
+    engine = sa.create_engine(invoices["ETL_SOURCE_URL"])
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO invoices VALUES (1, 'u-1', 'w-1', 5, 'EUR', 'paid', '2024-01-01 10:00:00')"
+        )
+    engine.dispose()
+    assert run_cli(["backfill"], invoices).exit_code == 0
+    assert run_cli(["backfill"], invoices).exit_code == 2
+    reset = run_cli(["state", "reset", "--stream", "invoices_paid"], invoices)
+    assert reset.exit_code == 0, reset.stderr
+    assert run_cli(["backfill"], invoices).exit_code == 0
+    ids = [e["event_id"] for e in receiver.events()]
+    assert len(ids) == 2
+    assert len(set(ids)) == 1

@@ -51,6 +51,7 @@ from etl.model import (
 from etl.run.coerce import Invalid, as_datetime
 from etl.run.diff import ABSENT, fingerprint
 from etl.run.options import Collaborators, RunOptions
+from etl.run.plan import state_name_of
 from etl.run.ports import TrackStatePort
 from etl.run.transform import (
     EventContext,
@@ -80,7 +81,7 @@ def track_store(io: Collaborators) -> TrackStatePort:
 
 def state_name(mapping: Mapping, options: RunOptions) -> str:
     """Where a stream (or this shard of it) keeps its watermark and track state."""
-    return f"{mapping.stream}#{options.shard.label}" if options.shard else mapping.stream
+    return state_name_of(mapping, options.shard)
 
 
 # ------------------------------------------------------------ usage checks
