@@ -183,6 +183,7 @@ def diff(
         max_transaction_age=parse_age(max_transaction_age),
     )
     with _source(source_url) as source, _state(state_url, readonly=True) as state:
+        check.prepare(source, mappings)
         io = Collaborators(source=source, state=state, delivery=delivery)
         report, diff_report = run(mappings, command="diff", options=options, io=io)
     if diff_report is None:  # pragma: no cover - run() returns one for dry runs
@@ -276,6 +277,7 @@ def _send(
         _state(state_url, readonly=False) as state,
         load.make_client(delivery) as client,
     ):
+        check.prepare(source, mappings)  # a configuration error: exit 2, nothing sent
         state.acquire(command, shard=options.shard)
         io = Collaborators(
             source=source,
@@ -284,6 +286,7 @@ def _send(
             client=client,
             progress=progress,
             stop=stop or threading.Event(),
+            pace=load.RateLimiter(delivery.max_rps) if delivery.max_rps else None,
         )
         report, _ = run(mappings, command=command, options=options, io=io)
     return report

@@ -4,6 +4,8 @@
     ├── UsageError                bad options or environment        -> exit 2
     ├── MappingError              bad mapping files (all problems)  -> exit 2
     ├── SourceError               the source database failed        -> exit 1
+    │   ├── QueryError            a read failed in the database (SQL, tables, columns)
+    │   └── SourceLostError       the connection was lost (transient): the run reconnects
     ├── ApiError                  the Hyperengage API failed        -> exit 1
     │   ├── RetriableApiError     retries exhausted on a transient failure
     │   └── FatalApiError         401/403/404, redirects, non-JSON 2xx: stop at once
@@ -46,6 +48,16 @@ class QueryError(SourceError):
         super().__init__(message)
         self.mapping_path = mapping_path
         self.stream = stream
+        self.detail = detail
+
+
+class SourceLostError(SourceError):
+    """The source connection was lost or refused, or the server is shutting down:
+    transient, so the run reconnects and resumes (`source.errors.classify`).
+    `detail` is the driver's first line."""
+
+    def __init__(self, message: str, *, detail: str) -> None:
+        super().__init__(message)
         self.detail = detail
 
 

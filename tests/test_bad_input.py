@@ -26,8 +26,8 @@ Mapping files: exit 2 before the source is opened, no state created.
   16  --stream with a typo    --stream: unknown stream 'user' — did you mean 'users'?
   17  SQL-like identifiers    table `app users"; DROP TABLE users; --`, column
   18    (SQLite, PostgreSQL)    `na"me; DROP TABLE users; --`: quoted, read, `users` survives
-  19  a failing where:        exit 1: stream workspaces: the source query failed: … —
-  20  a failing sql:            `etl validate --check-source` finds: source.where: '…' fails …;
+  19  a failing where:        exit 2 before anything is sent (every stream's queries are
+  20  a failing sql:            prepared first): source.where: '…' fails in the database;
                                 `validate --check-source` exits 2 with that same line
 
 Source data: the bad row is listed invalid with its reason (output, `etl runs`),
@@ -46,10 +46,10 @@ never sent, never marked as sent; the other rows go out; exit 3.
   32  text in a timestamp     created_at: 'yesterday' is not an ISO-8601 datetime
   33  a query repeating a key and returning a NULL key, page size 1: `duplicate key: … make
         `key` unique` and `key column is NULL`; no row lost at a page boundary (all were)
-  34  a column dropped        exit 1: no such column: users.role — `etl validate
-        since the last run      --check-source` finds: traits.role: no column 'role'; state kept
-  35  a column renamed (PG)   exit 1: the same, listing the columns there are
-  36  a table dropped         exit 1: source.table: no table 'workspaces' (was a traceback)
+  34  a column dropped        exit 2 before sending: traits.role: no column 'role' (columns: …)
+        since the last run      — fix the column name; state kept, no run started
+  35  a column renamed (PG)   exit 2: the same, listing the columns there are
+  36  a table dropped         exit 2: source.table: no table 'workspaces' (was a traceback)
   37  a row dated 2100        sent; the watermark stays at the database's clock
   38  a mixed-type cursor     exit 1: cursor: updated_at holds integers and also str values
   39-57  PostgreSQL, one sync over hostile rows: numeric NaN and float ±Infinity (is not a
@@ -588,14 +588,13 @@ def test_identifiers_with_quotes_spaces_and_sql_are_quoted_never_run(
 def test_a_where_or_sql_that_fails_in_the_database_names_stream_and_expression(
     scene: Scene, edit: tuple[str, str], key: str, expression: str
 ) -> None:
-    """19-20. `sync` exits 1 naming the file, the stream, the key and the expression
+    """19-20. `sync` exits 2 before sending, naming the file, the key and the expression
     (nothing sent, no watermark); `validate --check-source` exits 2 saying the same."""
     path = scene.mappings / "workspaces.yml"
     path.write_text(path.read_text().replace(*edit))
     result = scene.run("sync")
-    assert result.exit_code == 1, result.stderr
-    assert "workspaces.yml: stream workspaces: the source query failed" in result.stderr
-    assert f"{key}: {expression!r} fails in the database" in result.stderr
+    assert result.exit_code == 2, result.stderr
+    assert f"workspaces.yml: {key}: {expression!r} fails in the database" in result.stderr
     assert scene.receiver.requests() == []
     assert "workspaces" not in state_of(scene.env["ETL_STATE_URL"])["watermarks"]
     checked = scene.run("validate", "--check-source")
@@ -750,59 +749,52 @@ def test_a_related_table_or_column_that_does_not_exist_is_named_by_check_source(
     assert scene.receiver.requests() == []
 
 
-def test_a_column_dropped_since_the_last_run_exits_1_naming_it_state_untouched(
+def test_a_column_dropped_since_the_last_run_exits_2_naming_it_state_untouched(
     scene: Scene,
 ) -> None:
-    """34. `role` was dropped after the last run: exit 1 naming the column, the
-    mapping key and `etl validate --check-source`; the users' watermark and
-    records are as they were."""
+    """34. `role` was dropped after the last run: the check before sending exits 2
+    naming the column and the mapping key; the users' watermark and records are as
+    they were, and no run was started."""
     assert scene.run("sync").exit_code == 0
     before = state_of(scene.env["ETL_STATE_URL"])
     scene.execute(
         "ALTER TABLE users DROP COLUMN role", "UPDATE users SET updated_at = '2099-01-01'"
     )
     result = scene.run("sync")
-    assert result.exit_code == 1
-    assert "users.yml: stream users: the source query failed: no such column: users.role" in (
-        result.stderr
-    )
-    assert "`etl validate --check-source` finds:" in result.stderr
+    assert result.exit_code == 2
     assert "users.yml: traits.role: no column 'role' in the source (columns: " in result.stderr
     assert "— fix the column name" in result.stderr
     after = state_of(scene.env["ETL_STATE_URL"])
     assert after["watermarks"]["users"] == before["watermarks"]["users"]
     assert after["keys"]["users"] == before["keys"]["users"]
-    assert after["runs"][0].status == "failed"
+    assert after["runs"] == before["runs"]
 
 
 @pytest.mark.postgres
 def test_a_column_renamed_on_postgresql_names_old_and_new_columns(
     tmp_path: Path, pg_url: str, receiver: RunningReceiver
 ) -> None:
-    """35. `email` renamed to `email_address` on PostgreSQL: exit 1; the message
-    names the missing column and lists the columns there are (the new name among
-    them); nothing of the users is marked as sent."""
+    """35. `email` renamed to `email_address` on PostgreSQL: exit 2 before sending; the
+    message names the missing column and lists the columns there are (the new name
+    among them); nothing of the users is marked as sent."""
     seed(pg_url, n_workspaces=1, n_users=3)
     copy_mappings(tmp_path / "mappings")
     env = cli_env(tmp_path, pg_url, receiver.url)
     execute(pg_url, "ALTER TABLE users RENAME COLUMN email TO email_address")
     result = run_cli(["sync"], env)
-    assert result.exit_code == 1
-    assert "the source query failed: column users.email does not exist" in result.stderr
+    assert result.exit_code == 2
     assert "users.yml: traits.email: no column 'email' in the source" in result.stderr
     assert "email_address" in result.stderr
     assert "users" not in state_of(env["ETL_STATE_URL"])["keys"]
 
 
-def test_a_table_dropped_since_the_last_run_exits_1_naming_it(scene: Scene) -> None:
-    """36. The workspaces table is gone: exit 1 with the table named and the fix, not
-    a traceback; nothing is sent."""
+def test_a_table_dropped_since_the_last_run_exits_2_naming_it(scene: Scene) -> None:
+    """36. The workspaces table is gone: the check before sending exits 2 with the table
+    named and the fix, not a traceback; nothing is sent."""
     scene.execute("DROP TABLE workspaces")
     result = scene.run("sync")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "Traceback" not in result.stderr
-    assert "workspaces.yml: stream workspaces:" in result.stderr
-    assert "no such table: workspaces" in result.stderr
     assert "workspaces.yml: source.table: no table 'workspaces' — check the name" in result.stderr
     assert scene.receiver.requests() == []
 

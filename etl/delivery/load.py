@@ -129,6 +129,8 @@ def deliver(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
+    limiter: RateLimiter | None = None,
+    stop: threading.Event | None = None,
 ) -> DeliveryStats:
     """Send every event, `config.concurrency` batches at a time, and give each
     batch's outcome to `on_result` in the caller's thread, in submission order.
@@ -141,10 +143,27 @@ def deliver(
     The first RetriableApiError or FatalApiError (or any error in `on_result`,
     its futures or `outgoing`) stops the workers and propagates; batches
     reported before it stay reported, nothing after it is.
+
+    `limiter` spaces request starts (`--max-rps`); the run passes one for all
+    its streams, so the rate holds across them (without one, `config.max_rps`
+    applies to this call). Once `stop` is set (SIGINT/SIGTERM) no request
+    starts: not the next batch, not a retry, not a split half. Requests in
+    flight finish (within the request timeout) and are reported in order up to
+    the first batch that was given up; deliver() then returns what it reported.
     """
     check_endpoint(config.endpoint)
-    # Jitter needs spread, not secrecy.
-    sender = _Sender(client, config, sleep=sleep, clock=clock, rng=rng or random.Random())  # noqa: S311
+    stop = stop or threading.Event()
+    if limiter is None and config.max_rps:
+        limiter = RateLimiter(config.max_rps, clock=clock, sleep=sleep)
+    sender = _Sender(
+        client,
+        config,
+        sleep=sleep,
+        clock=clock,
+        rng=rng or random.Random(),  # noqa: S311 - jitter needs spread, not secrecy
+        limiter=limiter,
+        stop=stop,
+    )
     totals = _Totals()
     window: deque[Future[_Outcome[Ref]]] = deque()  # submitted, not yet reported, in order
     recording: deque[Future[Any]] = deque()  # reported, still being recorded by the caller
@@ -157,8 +176,18 @@ def deliver(
                 # Back-pressure: the batch just read waits for a free slot, so we
                 # never read further ahead than `width` batches plus this one.
                 _settle(window, recording, on_result, totals, outstanding=width - 1)
+                if stop.is_set():
+                    break  # a stop signal starts nothing new, not even this batch
                 window.append(pool.submit(sender.send_batch, batch))
             _settle(window, recording, on_result, totals, outstanding=0)
+        except _Stopped:
+            # A batch given up after the stop: it and the batches after it are not
+            # reported (the next run sends them, with the same event ids); the
+            # ones before it were. Wait for the requests still in flight.
+            sender.stop()
+            pool.shutdown(wait=True, cancel_futures=True)
+            while recording:
+                recording.popleft().result()
         except BaseException:
             sender.stop()
             pool.shutdown(wait=True, cancel_futures=True)
@@ -189,8 +218,11 @@ def _settle(
         if len(window) + len(recording) <= outstanding:
             return
         # A later batch that failed stops the run now, not when earlier ones finish.
+        # (A batch given up on a stop signal is not such a failure: the batches
+        # before it are still reported, in order.)
         for future in (*window, *recording):
-            if future.done() and (error := future.exception()) is not None:
+            error = future.exception() if future.done() else None
+            if error is not None and not isinstance(error, _Stopped):
                 raise error
         busy = [f for f in (*window, *recording) if not f.done()]
         wait(busy, return_when=FIRST_COMPLETED)
@@ -253,11 +285,16 @@ class _Stopped(Exception):
     """Raised in a worker whose delivery was stopped; never leaves deliver()."""
 
 
-class _RateLimiter:
-    """Spaces request starts at least 1/rate seconds apart, across threads."""
+class RateLimiter:
+    """Spaces request starts at least 1/rate seconds apart, across threads and, when
+    one is shared by a run's deliver() calls, across streams (`--max-rps`)."""
 
     def __init__(
-        self, rate: float, *, clock: Callable[[], float], sleep: Callable[[float], None]
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._interval = 1.0 / rate
         self._clock = clock
@@ -285,6 +322,8 @@ class _Sender:
         sleep: Callable[[float], None],
         clock: Callable[[], float],
         rng: random.Random,
+        limiter: RateLimiter | None,
+        stop: threading.Event,
     ) -> None:
         self._client = client
         self._config = config
@@ -292,18 +331,27 @@ class _Sender:
         self._clock = clock
         # random.Random.uniform is one atomic call under the GIL: safe to share.
         self._rng = rng
-        self._limiter = (
-            _RateLimiter(config.max_rps, clock=clock, sleep=sleep) if config.max_rps else None
-        )
+        self._limiter = limiter
         token = config.token.reveal()
         # httpx encodes a query value its own way: one more spelling to mask
         self._secrets = (token, str(httpx.QueryParams({"t": token}))[2:])
         self._url = self._foreign(_display_url(config.endpoint))
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # this delivery failed: give up
+        self._signalled = stop  # the run was asked to stop: start nothing new
 
     def stop(self) -> None:
         """Make every worker give up before its next attempt."""
         self._stopped.set()
+
+    def _halted(self) -> bool:
+        return self._stopped.is_set() or self._signalled.is_set()
+
+    def _pause(self, seconds: float) -> None:
+        """Back off; with the real clock, a stop signal cuts the wait short."""
+        if self._sleep is time.sleep:
+            self._signalled.wait(seconds)
+        else:
+            self._sleep(seconds)
 
     def send_batch(self, batch: Sequence[Outgoing[Ref]]) -> _Outcome[Ref]:
         """Deliver one top-level batch (worker thread)."""
@@ -334,9 +382,11 @@ class _Sender:
         attempt = 0
         while True:  # bounded: every pass counts an attempt against max_attempts
             attempt += 1
+            if self._halted():
+                raise _Stopped
             if self._limiter is not None:
                 self._limiter.wait_turn()
-            if self._stopped.is_set():
+            if self._halted():
                 raise _Stopped
             tally.requests += 1
             answer = self._attempt(body)
@@ -361,7 +411,7 @@ class _Sender:
                 **answer.log_fields(),
             )
             tally.retries += 1
-            self._sleep(delay)
+            self._pause(delay)
 
     def _attempt(self, body: bytes) -> httpx.Response | _Failure:
         """One POST: a response worth interpreting, or what went wrong."""

@@ -69,6 +69,10 @@ class DuplicateKeys:
     def __init__(self) -> None:
         self._seen: set[int] = set()
 
+    def forget(self) -> None:
+        """A new snapshot starts (a resumed read): keys read again are not repeats."""
+        self._seen.clear()
+
     def repeated(self, key: str) -> bool:
         """True when `key` was read before in this run (and remember it)."""
         digest = hash(key)
@@ -135,6 +139,7 @@ def classify(
     related: RetriedRejects | None = None,
     with_payload: bool = False,
     stop: threading.Event | None = None,
+    duplicates: DuplicateKeys | None = None,
 ) -> Iterator[ClassifiedPage]:
     """Every row's verdict, page by page, against what was last sent for its key.
 
@@ -144,6 +149,8 @@ def classify(
     empty by the shard or retry filters is skipped. Stops between pages once
     `stop` is set. `related` are keys a related table named, re-read by key before
     the cursor window like `retries`: a key is considered once per run.
+    `duplicates` is the caller's when it must forget the keys read so far (a
+    read resumed in a new snapshot).
     """
     mapping = plan.mapping
     stream = mapping.stream
@@ -152,7 +159,10 @@ def classify(
     shard = plan.shard
     salt = plan.salt
     transform = plan.transform
-    duplicates = DuplicateKeys() if plan.duplicates_possible else None
+    if not plan.duplicates_possible:
+        duplicates = None
+    elif duplicates is None:
+        duplicates = DuplicateKeys()
     retries = retries if retries is not None else RetriedRejects(())
     retrying = retries.keys
     related_keys = related.keys if related is not None else frozenset()

@@ -16,9 +16,11 @@ from typing import Literal
 import httpx
 from sqlalchemy.engine import Engine
 
+from etl.delivery.load import RateLimiter
 from etl.model import DeliveryConfig, Shard
 from etl.run.ports import StatePort
 from etl.settings import READ
+from etl.source.resume import Reconnect
 
 Mode = Literal["incremental", "full", "backfill"]
 Progress = Callable[[str, int, int | None], None]
@@ -37,6 +39,8 @@ class RunOptions:
     shard: Shard | None = None  # this worker's share of every stream
     max_transaction_age: dt.timedelta = READ.max_transaction_age
     since: str | None = None  # backfill of track streams: how far back (90d, 2024-01-31)
+    # a lost source connection: how hard to try again
+    reconnect: Reconnect = field(default_factory=Reconnect)
 
 
 @dataclass
@@ -51,3 +55,5 @@ class Collaborators:
     stop: threading.Event = field(default_factory=threading.Event)
     sleep: Callable[[float], None] = time.sleep
     noted: set[str] = field(default_factory=set)  # horizon notes already logged this run
+    # --max-rps for the whole run: one limiter shared by every stream's delivery
+    pace: RateLimiter | None = None

@@ -15,7 +15,7 @@ import contextlib
 import datetime as dt
 import re
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,7 +24,14 @@ import structlog
 from sqlalchemy.engine import Connection
 from structlog.typing import FilteringBoundLogger
 
-from etl.errors import EtlError, QueryError, SourceError, StoppedError
+from etl.errors import (
+    EtlError,
+    QueryError,
+    SourceError,
+    SourceLostError,
+    StateError,
+    StoppedError,
+)
 from etl.model import (
     DeliveryStats,
     DiffReport,
@@ -34,7 +41,7 @@ from etl.model import (
     StreamReport,
     Watermark,
 )
-from etl.run.classify import ClassifiedPage, Counts, RetriedRejects, Row, classify
+from etl.run.classify import ClassifiedPage, Counts, DuplicateKeys, RetriedRejects, Row, classify
 from etl.run.dryrun import DryRun, collect
 from etl.run.gone import with_gone
 from etl.run.ledger import Ledger
@@ -43,8 +50,9 @@ from etl.run.plan import StreamPlan, plan_stream, state_name_of
 from etl.run.send import send
 from etl.run.track import check_track_run, run_track_stream
 from etl.run.transform import record_key
-from etl.source import extract
+from etl.source import extract, resume
 from etl.source.check import explain_failure
+from etl.source.errors import SOURCE_ERRORS, driver_line, is_bad_query, source_error, translated
 from etl.source.horizon import Horizon, lower_bound, safe_horizon
 from etl.state.store import StreamState
 
@@ -70,8 +78,16 @@ def run(
             if diff is not None:
                 diffs.append(diff)
     except EtlError as exc:
-        state.finish_run(run_id, status="failed", streams=_run_streams(reports), error=str(exc))
-        raise
+        error = _streams_done(exc, reports) if isinstance(exc, SourceError) else exc
+        # A run that lost its state connection cannot record its end; the next
+        # run marks it abandoned. The error that stopped it is the one to show.
+        with contextlib.suppress(StateError):
+            state.finish_run(
+                run_id, status="failed", streams=_run_streams(reports), error=str(error)
+            )
+        if error is exc:
+            raise
+        raise error from None
     except BaseException as exc:
         state.finish_run(
             run_id, status="failed", streams=_run_streams(reports), error=type(exc).__name__
@@ -90,6 +106,16 @@ def run(
     return RunReport(
         run_id=run_id, command=command, streams=tuple(reports), status=status
     ), diff_report
+
+
+def _streams_done(error: SourceError, reports: list[StreamReport]) -> SourceError:
+    """A source failure after the check before sending (a table dropped mid-run, a
+    connection lost for good), with the streams this run had finished."""
+    done = ", ".join(r.stream for r in reports) or "none"
+    message = f"{error} (streams already done in this run: {done})"
+    if isinstance(error, SourceLostError):
+        return SourceLostError(message, detail=error.detail)
+    return SourceError(message)
 
 
 def _run_streams(reports: list[StreamReport]) -> list[dict[str, Any]]:
@@ -114,7 +140,10 @@ def run_stream(
     # a track stream has its own path: no diff, a ledger of keys sent (SPEC §10)
     one_stream = run_track_stream if mapping.track is not None else _run_stream
     try:
-        return one_stream(mapping, options=options, io=io)
+        # Any source error not already classified where it happened (opening the
+        # snapshot, the horizon, closing) is classified here: never a traceback.
+        with translated(where=f"{mapping.path}: stream {mapping.stream}", doing="reading"):
+            return one_stream(mapping, options=options, io=io)
     except QueryError as exc:
         raise explain_failure(io.source, mapping, exc) from None
 
@@ -200,27 +229,45 @@ def _read(
     io: Collaborators,
     bound: FilteringBoundLogger,
 ) -> _Read:
-    """Read the stream in one read-only transaction, classify its rows, and send
-    them (or collect a dry run's records) before the transaction ends."""
+    """Read the stream in a read-only transaction, classify its rows, and send
+    them (or collect a dry run's records) before the transaction ends. A lost
+    connection is opened again (`resume`): before the first page the reading
+    starts over, after it the pages resume where they were, in a new snapshot
+    but under this horizon."""
     mapping = plan.mapping
-    with (
-        io.source.connect() as conn,
-        extract.read_only(conn, snapshot=not plan.backfill, timezone=mapping.timezone),
-    ):
+    reopen = resume.Snapshot(
+        engine=io.source, snapshot=not plan.backfill, timezone=mapping.timezone
+    )
+
+    def prepare(conn: Connection) -> _Prepared:
+        """Everything read before the first page."""
         src = _source_from(conn, mapping)
         horizon = safe_horizon(conn, mapping, src, max_transaction_age=options.max_transaction_age)
-        _note_limits(horizon, io=io, bound=bound)
-        total = extract.estimate_rows(conn, mapping, src) if io.progress else None
-        null_cursor = extract.count_null_cursors(conn, mapping, src) if plan.dry_run else None
-        related = _related_reads(
-            conn,
-            mapping,
-            plan=plan,
-            previous=previous,
-            now=horizon.clock,
-            options=options,
-            exclude=retries.keys if retries is not None else frozenset(),
+        return _Prepared(
+            src=src,
+            horizon=horizon,
+            total=extract.estimate_rows(conn, mapping, src) if io.progress else None,
+            null_cursor=(extract.count_null_cursors(conn, mapping, src) if plan.dry_run else None),
+            related=_related_reads(
+                conn,
+                mapping,
+                plan=plan,
+                previous=previous,
+                now=horizon.clock,
+                options=options,
+                exclude=retries.keys if retries is not None else frozenset(),
+            ),
         )
+
+    # Duplicate keys are judged within one snapshot: a row read again after a
+    # resume (its cursor moved past the position) is not a duplicate.
+    duplicates = DuplicateKeys()
+    with resume.open_snapshot(
+        mapping, reopen=reopen, prepare=prepare, policy=options.reconnect, sleep=io.sleep
+    ) as (conn, prepared):
+        src, horizon, total = prepared.src, prepared.horizon, prepared.total
+        null_cursor, related = prepared.null_cursor, prepared.related
+        _note_limits(horizon, io=io, bound=bound)
         related_first = (
             RetriedRejects(record_key(values) for values in related.keys) if related.keys else None
         )
@@ -232,7 +279,10 @@ def _read(
             now=horizon.clock,
             retry_keys=retry_keys,
             related_keys=related.keys,
-            page_size=options.page_size,
+            options=options,
+            io=io,
+            reopen=reopen,
+            on_resume=duplicates.forget,
         )
         # closing(): whatever happens below, the prefetch thread is stopped (and
         # off the connection) before the read-only transaction is rolled back.
@@ -246,6 +296,7 @@ def _read(
                 related=related_first,
                 with_payload=plan.dry_run,
                 stop=io.stop,
+                duplicates=duplicates,
             )
             if plan.finds_gone:
                 classified = with_gone(
@@ -261,6 +312,17 @@ def _read(
         dry=dry,
         related_marks=related.marks,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What is read of a stream before its first page, in the snapshot it is read in."""
+
+    src: sa.FromClause
+    horizon: Horizon
+    total: int | None  # progress: rows to read, estimated
+    null_cursor: int | None  # dry run: rows an incremental sync never sees
+    related: RelatedReads  # the keys related tables named, and their marks
 
 
 def _report(
@@ -400,6 +462,7 @@ def _act(
         client=io.client,
         stop=io.stop,
         sleep=io.sleep,
+        limiter=io.pace,
     )
     return None, stats
 
@@ -464,13 +527,20 @@ def _diff_stream(report: StreamReport, dry: DryRun) -> DiffStream:
 def _source_from(conn: Connection, mapping: Mapping) -> sa.FromClause:
     try:
         return extract.source_from(conn, mapping)
+    except SOURCE_ERRORS as exc:
+        if not is_bad_query(exc):
+            where = f"{mapping.path}: stream {mapping.stream}"
+            raise source_error(exc, where=where, doing="preparing the query") from None
+        raise _unreadable(mapping, exc) from None
     except Exception as exc:
-        orig = getattr(exc, "orig", exc)
-        raise SourceError(
-            f"{mapping.path}: stream {mapping.stream}: cannot read the source: "
-            f"{str(orig).strip().splitlines()[0] if str(orig) else type(orig).__name__} — "
-            "check source.table / source.query (etl validate --check-source)"
-        ) from None
+        raise _unreadable(mapping, exc) from None
+
+
+def _unreadable(mapping: Mapping, exc: Exception) -> SourceError:
+    return SourceError(
+        f"{mapping.path}: stream {mapping.stream}: cannot read the source: "
+        f"{driver_line(exc)} — check source.table / source.query (etl validate --check-source)"
+    )
 
 
 def _pages(
@@ -482,45 +552,34 @@ def _pages(
     now: dt.datetime | None,
     retry_keys: Sequence[Sequence[Any]],
     related_keys: Sequence[Sequence[Any]],
-    page_size: int,
+    options: RunOptions,
+    io: Collaborators,
+    reopen: resume.Snapshot,
+    on_resume: Callable[[], None],
 ) -> Generator[list[Row], None, None]:
     """Rows to consider: earlier rejects and invalid records first (re-read by key),
-    then records related tables named (by key), then the cursor window's pages."""
-    if plan.order == "key":
-        yield from extract.prefetch(
-            extract.read_pages(
-                conn,
-                mapping,
-                src,
-                order="key",
-                after=plan.checkpoint,
-                page_size=page_size,
-                shard=plan.shard,
-            )
-        )
-        return
-    for start in range(0, len(retry_keys), page_size):
-        rows = extract.read_keys(
-            conn, mapping, src, retry_keys[start : start + page_size], shard=plan.shard
-        )
-        if rows:
-            yield rows
-    for start in range(0, len(related_keys), page_size):
-        chunk = related_keys[start : start + page_size]
-        rows = extract.read_keys(conn, mapping, src, chunk, shard=plan.shard, with_cursor=True)
-        if rows:
-            yield rows
-    lower = lower_bound(conn, mapping, plan.since, now=now) if plan.since is not None else None
-    yield from extract.prefetch(
-        extract.read_pages(
-            conn,
-            mapping,
-            src,
-            order="cursor",
-            lower=lower,
-            page_size=page_size,
-            shard=plan.shard,
-        )
+    then records related tables named (by key), then the cursor window's pages;
+    read through a lost connection (`resume`), under this run's bound and horizon."""
+    cursor_order = plan.order == "cursor"
+    lower = (
+        lower_bound(conn, mapping, plan.since, now=now)
+        if cursor_order and plan.since is not None
+        else None
+    )
+    yield from resume.read_resuming(
+        mapping,
+        first=(conn, src),
+        reopen=reopen,
+        order=plan.order,
+        lower=lower,
+        after=None if cursor_order else plan.checkpoint,
+        retry_keys=retry_keys if cursor_order else (),
+        related_keys=related_keys if cursor_order else (),
+        page_size=options.page_size,
+        shard=plan.shard,
+        policy=options.reconnect,
+        on_resume=on_resume,
+        sleep=io.sleep,
     )
 
 

@@ -35,6 +35,7 @@ def send(
     client: httpx.Client,
     stop: threading.Event,
     sleep: Callable[[float], None] = time.sleep,
+    limiter: load.RateLimiter | None = None,
 ) -> DeliveryStats:
     """Deliver the new and changed records of every page (all valid ones with
     `force`); raise the first delivery or state-write error."""
@@ -45,6 +46,8 @@ def send(
             on_result=ledger.on_result,
             client=client,
             sleep=sleep,
+            limiter=limiter,
+            stop=stop,
         )
 
 

@@ -15,7 +15,10 @@ from sqlalchemy.engine import Connection
 from etl.errors import MappingError, QueryError, SourceError
 from etl.model import Mapping, Related, Source
 from etl.redact import first_line
+from etl.source.errors import classify, driver_line, translated
 from etl.source.extract import (
+    Order,
+    build_query,
     count_null_cursors,
     query_columns,
     raw_sql,
@@ -47,6 +50,47 @@ def check_source(engine: sa.Engine, mappings: Sequence[Mapping]) -> list[str]:
     if problems:
         raise MappingError(problems)
     return notes
+
+
+def prepare(engine: sa.Engine, mappings: Sequence[Mapping]) -> None:
+    """Before anything is read or sent: prepare every stream's queries against the
+    source, with no rows (`LIMIT 0`). A missing table or column or bad SQL raises
+    one MappingError listing every problem (exit 2); a lost connection raises
+    SourceLostError like any read."""
+    problems: list[str] = []
+    for mapping in mappings:
+        where = f"{mapping.path}: stream {mapping.stream}"
+        with (
+            translated(where=where, doing="preparing its queries"),
+            engine.connect() as conn,
+            read_only(conn, timezone=mapping.timezone),
+        ):
+            found = check_one(conn, mapping)
+            if not found:
+                found = _prepare_reads(conn, mapping)
+            problems.extend(found)
+    if problems:
+        raise MappingError(problems)
+
+
+def _prepare_reads(conn: Connection, mapping: Mapping) -> list[str]:
+    """The stream's page queries as a run sends them, with no rows."""
+    src = source_from(conn, mapping)
+    orders: list[Order] = ["key", "cursor"] if mapping.cursor else ["key"]
+    for order in orders:
+        query = build_query(mapping, src, order=order, limit=0)
+        try:
+            with conn.begin_nested():
+                conn.execute(query).close()
+        except sa.exc.DBAPIError as exc:
+            if classify(exc) != "database":
+                raise
+            return [
+                f"{mapping.path}: source: the stream's query fails in the database: "
+                f"{driver_line(exc)} — check `key`, `cursor` and the traits "
+                "(etl validate --check-source)"
+            ]
+    return []
 
 
 def check_one(conn: Connection, mapping: Mapping) -> list[str]:

@@ -22,17 +22,18 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from etl.errors import QueryError
 from etl.model import SHARD_SEPARATOR, Mapping, Related, Shard, key_part, shard_bucket
-from etl.redact import first_line
 from etl.settings import READ
+from etl.source.errors import SOURCE_ERRORS, classify, driver_line, query_error
 
 Order = Literal["cursor", "key"]
+log = structlog.get_logger("etl")
 
 
 # ---------------------------------------------------------------- the engine
@@ -249,12 +250,14 @@ def read_pages(
     page_size: int = READ.page_size,
     shard: Shard | None = None,
     upper: Any = None,
+    keyset: bool = True,
 ) -> Iterator[list[tuple[Any, ...]]]:
     """Stream the stream's rows page by page (never OFFSET, never all at once);
     rows with a NULL key (invalid records) come last, streamed by the driver.
-    With `shard`, only that shard's rows are read."""
+    With `shard`, only that shard's rows are read. `keyset=False` reads only the
+    NULL-key rows (a read resumed after the keyset pages)."""
     n_keys = len(mapping.key)
-    while True:
+    while keyset:
         query = build_query(
             mapping,
             src,
@@ -292,7 +295,7 @@ class _Raised:
     error: BaseException
 
 
-def prefetch(pages: Iterator[_Page]) -> Iterator[_Page]:
+def prefetch(pages: Iterator[_Page]) -> Generator[_Page, None, None]:
     """`pages`, with the next page read in a thread while the caller works on this one.
 
     The database (another process, often another core) and the driver's
@@ -418,23 +421,16 @@ def _fetch_page(result: sa.CursorResult[Any]) -> list[tuple[Any, ...]]:
         result.close()
 
 
-CHECK_ADVICE = (
-    "check the table, columns, `where:` and `sql:` expressions (etl validate --check-source)"
-)
-
-
-def execute(conn: Connection, mapping: Mapping, query: sa.Executable) -> sa.CursorResult[Any]:
-    """Run one read of `mapping`; a database error becomes a SourceError naming the fix."""
+def execute(
+    conn: Connection, mapping: Mapping, query: sa.Executable, *, doing: str = "reading rows"
+) -> sa.CursorResult[Any]:
+    """Run one read of `mapping`; a database error becomes the SourceError that
+    `source.errors` classifies it as (lost connection, timeout, or a bad query)."""
     try:
         return conn.execute(query)
-    except sa.exc.DBAPIError as exc:
-        detail = first_line(exc.orig)
-        raise QueryError(
-            f"{mapping.path}: stream {mapping.stream}: the source query failed: {detail} — "
-            f"{CHECK_ADVICE}",
-            mapping_path=str(mapping.path),
-            stream=mapping.stream,
-            detail=detail,
+    except SOURCE_ERRORS as exc:
+        raise query_error(
+            exc, mapping_path=str(mapping.path), stream=mapping.stream, doing=doing
         ) from None
 
 
@@ -472,9 +468,21 @@ def read_only(
     try:
         yield conn
     finally:
+        _end_read_only(conn, dialect)
+
+
+def _end_read_only(conn: Connection, dialect: str) -> None:
+    """Roll the read-only transaction back. On a dead connection that fails, and
+    nothing is lost by it (nothing was written): the connection is dropped, and an
+    error already on its way out is not replaced by this one."""
+    try:
         conn.rollback()
         if dialect == "sqlite":
             conn.exec_driver_sql("PRAGMA query_only = OFF")
+    except SOURCE_ERRORS as exc:
+        log.info("source.rollback_failed", error=driver_line(exc), kind=classify(exc))
+        with contextlib.suppress(*SOURCE_ERRORS):
+            conn.invalidate()
 
 
 # ---------------------------------------------------------------- watermarks

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from etl.errors import LockedError
+from etl.errors import LockedError, StateError
 from etl.model import Shard
 from etl.state.schema import LOCK_KEY, meta_table, upsert
 
@@ -30,6 +30,7 @@ class RunLock:
         self._conn: Connection | None = None
         self._file: int | None = None
         self._key = LOCK_KEY
+        self._pid: int | None = None
 
     def acquire_file(
         self, database: str | None, holder: dict[str, Any], shard: Shard | None
@@ -72,6 +73,28 @@ class RunLock:
             row = {"name": _holder_name(shard), "value": json.dumps(holder)}
             upsert(tx, meta_table, [row], ["name"])
         self._conn = conn
+        self._pid = _backend_pid(conn)
+
+    @property
+    def on_session(self) -> bool:
+        """Held as a PostgreSQL session lock (state writes then go over that session)."""
+        return self._conn is not None
+
+    def session(self) -> Connection:
+        """The session that holds the lock, for a state write; StateError when the
+        lock was lost with its session (terminated, a failover, a network cut).
+
+        A write on the lock's own session holds the lock until it commits: if
+        the session dies the write fails, so no write happens without the lock.
+        SQLAlchemy reconnects an invalidated connection silently on its next use;
+        that new session holds no lock, hence the checks below.
+        """
+        conn = self._conn
+        if conn is None:
+            raise StateError("the run lock is not held")
+        if conn.invalidated or _backend_pid(conn) != self._pid:
+            raise StateError(lock_lost_message("its connection was closed"))
+        return conn
 
     def release(self) -> None:
         """Let go of the lock, if held."""
@@ -87,6 +110,22 @@ class RunLock:
                 self._conn.commit()
             self._conn.close()
             self._conn = None
+
+
+def lock_lost_message(detail: str) -> str:
+    """Why a run stopped when the session holding its PostgreSQL lock was lost."""
+    return (
+        f"the session holding the run lock was lost ({detail}); stopped before "
+        "the next state write, so two runs never write side by side — batches acknowledged "
+        "so far are recorded; run the same command again to carry on"
+    )
+
+
+def _backend_pid(conn: Connection) -> int | None:
+    """The server process of a connection's session, as the driver knows it (no query)."""
+    info = getattr(conn.connection.dbapi_connection, "info", None)
+    pid = getattr(info, "backend_pid", None)
+    return pid if isinstance(pid, int) else None
 
 
 def _shard_lock_key(shard: Shard) -> int:

@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import os
 import socket
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, overload
@@ -29,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 from etl.errors import StateError, UsageError
 from etl.model import Shard, Watermark
 from etl.redact import first_line
-from etl.state.lock import RunLock
+from etl.state.lock import RunLock, lock_lost_message
 from etl.state.schema import (
     ledger_table,
     open_engine,
@@ -232,6 +233,7 @@ class StateStore:
         self.readonly = readonly
         self._engine: Engine | None = None
         self._lock = RunLock()
+        self._write_mutex = threading.Lock()  # the lock's session: one write at a time
         try:
             self._engine = open_engine(url, readonly=readonly)
         except sa.exc.DBAPIError as exc:
@@ -262,10 +264,34 @@ class StateStore:
             with self._engine.begin() as conn:
                 yield conn
         except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise StateError(
+                    f"state store {safe_url(self.url)}: the connection was lost: "
+                    f"{first_line(exc.orig)} — each acknowledged batch is recorded in one "
+                    "transaction, so nothing is half-written; run the same command again"
+                ) from None
             raise StateError(
                 f"state store {safe_url(self.url)}: {first_line(exc.orig)} — check the "
                 "disk, permissions and that nothing else rewrites the store"
             ) from None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction. While a PostgreSQL lock is held, on the lock's own
+        session (one write at a time): a run that lost its lock cannot write."""
+        if not self._lock.on_session:
+            with self._begin() as conn:
+                yield conn
+            return
+        with self._write_mutex:
+            conn = self._lock.session()
+            try:
+                with conn.begin():
+                    yield conn
+            except sa.exc.DBAPIError as exc:
+                raise StateError(
+                    f"state store {safe_url(self.url)}: " + lock_lost_message(first_line(exc.orig))
+                ) from None
 
     # ------------------------------------------------------------ the lock
 
@@ -293,7 +319,7 @@ class StateStore:
         """With the lock held no other run is alive: a run still `running` died
         without finishing (kill -9, OOM, a lost host). Say so, or `etl runs` shows
         it running forever."""
-        with self._begin() as conn:
+        with self._write() as conn:
             conn.execute(
                 sa.update(runs_table)
                 .where(
@@ -349,7 +375,7 @@ class StateStore:
         run read every row (SPEC §9), which restarts the `full_every` clock."""
         text, kind = encode_watermark(watermark) if watermark is not None else (None, None)
         now = _now()
-        with self._begin() as conn:
+        with self._write() as conn:
             old = conn.execute(
                 sa.select(streams_table.c.full_read_at, streams_table.c.first_run_at).where(
                     streams_table.c.stream == stream
@@ -394,7 +420,7 @@ class StateStore:
     def save_checkpoint(self, stream: str, checkpoint: Sequence[Any] | None) -> None:
         """Remember the last key a backfill had delivered everything up to."""
         value = orjson.dumps(list(checkpoint), default=str).decode() if checkpoint else None
-        with self._begin() as conn:
+        with self._write() as conn:
             exists = conn.execute(
                 sa.update(streams_table)
                 .where(streams_table.c.stream == stream)
@@ -409,7 +435,7 @@ class StateStore:
 
     def reset(self, stream: str) -> int:
         """Forget everything about a stream; returns how many records it forgot."""
-        with self._begin() as conn:
+        with self._write() as conn:
             forgotten = conn.execute(
                 sa.delete(records_table).where(records_table.c.stream == stream)
             ).rowcount
@@ -489,7 +515,7 @@ class StateStore:
         (none was pending when the stream started), which saves a DELETE a batch.
         """
         now = _now()
-        with self._begin() as conn:
+        with self._write() as conn:
             if sent:
                 _upsert_records(conn, stream, sent, now)
                 if clear_rejects:
@@ -504,7 +530,7 @@ class StateStore:
 
     def forget_rejects(self, stream: str, keys: Sequence[str]) -> None:
         """Drop pending rejects that no longer need retrying, in one transaction."""
-        with self._begin() as conn:
+        with self._write() as conn:
             for start in range(0, len(keys), 500):
                 conn.execute(
                     sa.delete(rejects_table).where(
@@ -590,7 +616,7 @@ class StateStore:
     def save_track(self, state: TrackState) -> None:
         """Write a stream's track state whole, in one transaction."""
         checkpoint = state.backfill_checkpoint
-        with self._begin() as conn:
+        with self._write() as conn:
             upsert(
                 conn,
                 track_table,
@@ -614,7 +640,7 @@ class StateStore:
     def save_backfill_checkpoint(self, name: str, checkpoint: Sequence[Any]) -> None:
         """A track backfill's position ([cursor, *key]) up to which all was acknowledged."""
         value = orjson.dumps(list(checkpoint), default=str).decode()
-        with self._begin() as conn:
+        with self._write() as conn:
             conn.execute(
                 sa.update(track_table)
                 .where(track_table.c.stream == name)
@@ -653,7 +679,7 @@ class StateStore:
     ) -> None:
         """Record one acknowledged batch of track events in one transaction."""
         now = _now()
-        with self._begin() as conn:
+        with self._write() as conn:
             if sent:
                 upsert(
                     conn,
@@ -684,7 +710,7 @@ class StateStore:
 
     def prune_ledger(self, stream: str, owner: str, *, below: str, at_least: str = "") -> int:
         """Forget `owner`'s sent keys positioned in [at_least, below); how many."""
-        with self._begin() as conn:
+        with self._write() as conn:
             deleted = conn.execute(
                 sa.delete(ledger_table).where(
                     ledger_table.c.stream == stream,
@@ -711,7 +737,7 @@ class StateStore:
     def start_run(self, command: str, mode: str, *, shard: Shard | None = None) -> int | None:
         if self.readonly:
             return None
-        with self._begin() as conn:
+        with self._write() as conn:
             result = conn.execute(
                 sa.insert(runs_table).values(
                     command=command,
@@ -735,7 +761,7 @@ class StateStore:
     ) -> None:
         if run_id is None or self.readonly:
             return
-        with self._begin() as conn:
+        with self._write() as conn:
             conn.execute(
                 sa.update(runs_table)
                 .where(runs_table.c.id == run_id)
