@@ -100,7 +100,6 @@ def read_resuming(
     where = f"{mapping.path}: stream {mapping.stream}"
     position = _Position(after=after)
     conn, src = first
-    n_keys = len(mapping.key)
     outage: _Outage | None = None
     with contextlib.ExitStack() as owned:
         while True:
@@ -118,7 +117,6 @@ def read_resuming(
                 )
                 with contextlib.closing(pages):
                     for page in pages:
-                        _advance(position, page, order=order, n_keys=n_keys)
                         outage = None  # progress: the next outage has a whole budget
                         yield page
                 return
@@ -203,7 +201,8 @@ def _read_from(
     page_size: int,
     shard: Shard | None,
 ) -> Generator[list[Row], None, None]:
-    """The pages from `position` on, on `conn`."""
+    """The pages from `position` on, on `conn`; `position` moves as each is handed out."""
+    n_keys = len(mapping.key)
     # Chunks of keys read by key: pending rejects, then keys related tables named
     # (those with their cursor, SPEC §9). A chunk counts as read once handed out.
     done = position.key_chunks
@@ -232,22 +231,17 @@ def _read_from(
     )
     with contextlib.closing(pages):
         for page in pages:
-            if skip and _null_key(page[0], len(mapping.key)):
-                # NULL-key rows come unordered after the keyset pages; those handed
-                # out before the connection was lost are skipped by count.
-                dropped, skip = min(skip, len(page)), max(0, skip - len(page))
-                if page[dropped:]:
-                    yield page[dropped:]
+            last = page[-1]
+            if not _null_key(last, n_keys):
+                position.after = last[:n_keys] if order == "key" else (last[n_keys], *last[:n_keys])
+                yield page
                 continue
-            yield page
-
-
-def _advance(position: _Position, page: list[Row], *, order: extract.Order, n_keys: int) -> None:
-    last = page[-1]
-    if _null_key(last, n_keys):
-        position.null_rows += len(page)
-    elif position.null_rows == 0:
-        position.after = last[:n_keys] if order == "key" else (last[n_keys], *last[:n_keys])
+            # NULL-key rows come unordered after the keyset pages; those handed out
+            # before the connection was lost are skipped by count.
+            dropped, skip = min(skip, len(page)), max(0, skip - len(page))
+            if page[dropped:]:
+                position.null_rows += len(page) - dropped
+                yield page[dropped:]
 
 
 def _null_key(row: Row, n_keys: int) -> bool:
