@@ -89,7 +89,8 @@ def read_resuming(
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[list[Row]]:
     """The stream's rows: rejects re-read by key first (`retry_keys`), then the
-    keys related tables named (`related_keys`), then the keyset pages from `after`; on a lost connection, resumed on a new one.
+    keys related tables named (`related_keys`), then the keyset pages from
+    `after`; on a lost connection, resumed on a new one.
 
     With `shard`, only that shard's rows are read. `first` is the connection (in
     its read-only transaction) and FROM the run opened; reconnections are this
