@@ -369,3 +369,40 @@ def test_state_reset_forgets_a_track_stream_so_history_can_be_sent_again(
     ids = [e["event_id"] for e in receiver.events()]
     assert len(ids) == 2
     assert len(set(ids)) == 1
+
+
+def test_init_offers_a_track_stream_for_an_append_only_table(
+    tmp_path: Path, sqlite_url: str, receiver: Any
+) -> None:
+    """`etl init` writes a track mapping for a table with a creation time, no updated_at,
+    a user and a workspace; it validates, its first sync sends no history, a backfill
+    sends it."""
+    engine = sa.create_engine(sqlite_url)
+    with engine.begin() as conn:
+        for ddl in (
+            "CREATE TABLE workspaces (id TEXT PRIMARY KEY, name TEXT, owner_id TEXT, "
+            "created_at TIMESTAMP, updated_at TIMESTAMP)",
+            "CREATE TABLE users (id TEXT PRIMARY KEY, email TEXT, name TEXT, workspace_id TEXT, "
+            "created_at TIMESTAMP, updated_at TIMESTAMP)",
+            "CREATE TABLE invoices (id INTEGER PRIMARY KEY, user_id TEXT, workspace_id TEXT, "
+            "amount_cents INTEGER, created_at TIMESTAMP)",
+            "INSERT INTO workspaces VALUES ('w1', 'W', 'u1', '2024-01-01', '2024-01-01')",
+            "INSERT INTO users VALUES ('u1', 'a@b.c', 'A', 'w1', '2024-01-01', '2024-01-01')",
+            "INSERT INTO invoices VALUES (1, 'u1', 'w1', 900, '2024-02-01 10:00:00')",
+        ):
+            conn.exec_driver_sql(ddl)
+    engine.dispose()
+    env = cli_env(tmp_path, sqlite_url, receiver.url)
+    made = run_cli(["init", "--out", env["ETL_MAPPINGS"]], env)
+    assert made.exit_code == 0, made.output
+    text = (Path(env["ETL_MAPPINGS"]) / "invoice_created.yml").read_text()
+    assert "kind: track" in text
+    assert "cursor: created_at" in text
+    assert "timestamp: created_at" in text
+    assert "#   amount_cents: amount_cents" in text
+    assert run_cli(["validate", "--check-source"], env).exit_code == 0
+    assert run_cli(["sync"], env).exit_code == 0
+    assert [e["event_type"] for e in receiver.events()] == ["account_identify", "user_identify"]
+    assert run_cli(["backfill", "--stream", "invoice_created"], env).exit_code == 0
+    (event,) = [e for e in receiver.events() if e["event_type"] == "invoice_created"]
+    assert event["utc_time"] == "2024-02-01T10:00:00Z"

@@ -89,7 +89,8 @@ class _Link:
 
 
 def draft_mappings(tables: Sequence[TableInfo], *, dialect: str) -> tuple[Draft, ...]:
-    """The users and workspaces mapping files for `tables`, as far as they can be guessed.
+    """The users and workspaces mapping files for `tables`, as far as they can be guessed,
+    and a track stream (SPEC §10) for each table that looks append-only.
 
     `dialect` is the SQLAlchemy dialect name (quoting and string concatenation
     differ). Returns no draft when no table looks like a users table.
@@ -103,6 +104,12 @@ def draft_mappings(tables: Sequence[TableInfo], *, dialect: str) -> tuple[Draft,
     drafts = [_users_draft(users, workspaces, membership, sql)]
     if workspaces is not None:
         drafts.insert(0, _workspaces_draft(workspaces, users, membership, sql))
+        # a membership table with only a creation time is an event too (a user joined)
+        taken = {users.name, workspaces.name}
+        drafts += [
+            _track_draft(table, users, workspaces)
+            for table in _append_only_tables(tables, users, workspaces, taken)
+        ]
     return tuple(drafts)
 
 
@@ -503,3 +510,65 @@ def _workspaces_draft(
     used |= {c for c in SOFT_DELETES if workspaces.column(c)}
     _other_columns(workspaces, used, out)
     return Draft("workspaces.yml", workspaces.name, out.text(), tuple(out.todo))
+
+
+# ---------------------------------------------------------------- track streams
+
+# At most this many track streams are offered: the tables most like event logs.
+MAX_TRACK_DRAFTS = 5
+
+
+def _append_only_tables(
+    tables: Sequence[TableInfo], users: TableInfo, workspaces: TableInfo, taken: set[str]
+) -> list[TableInfo]:
+    """Tables that look append-only (a creation time, no updated_at-like column) and
+    name a user and a workspace: each row can be one track event (invoices, logins)."""
+    found = [
+        table
+        for table in tables
+        if table.name not in taken
+        and _has(table, CREATED, ("datetime",))
+        and not _has(table, CURSORS)
+        and not _has(table, SOFT_DELETES)  # a row that can be deleted is not an event
+        and (_refers_to(table, users) or _has(table, OWNERS))
+        and _refers_to(table, workspaces)
+        and table.primary_key
+    ]
+    return found[:MAX_TRACK_DRAFTS]
+
+
+def _track_draft(table: TableInfo, users: TableInfo, workspaces: TableInfo) -> Draft:
+    out = _Lines()
+    model = _model(table.name)
+    _header(table, f"{table.name} -> Hyperengage track events ({model}_created)", out)
+    out.add("# The table looks append-only (a creation time, no updated_at): each row is")
+    out.add("# sent once, as a track event. The first sync sends no history; send it on")
+    out.add(f"# purpose with `etl backfill --stream {model}_created --since 90d`.")
+    out.add("# See docs/track.md; check the event name and the properties below.")
+    out.add(f"stream: {model}_created")
+    out.add("kind: track")
+    out.add(f"event_type: {model}_created", "the event's name; or {column: ...} per row")
+    out.add("source:")
+    out.add(f"  table: {_scalar(table.name)}")
+    _key(table, out)
+    created = _has(table, CREATED, ("datetime",)) or FILL_IN
+    out.add(f"cursor: {_scalar(created)}", "set when the row is written; it must never move")
+    out.add(f"timestamp: {_scalar(created)}", "when the event happened, sent as utc_time")
+    _timezone(table, out)
+    user = _refers_to(table, users) or _has(table, OWNERS) or FILL_IN
+    account = _refers_to(table, workspaces) or FILL_IN
+    out.add(f"user_id: {_scalar(user)}", f"the user who did it ({users.name})")
+    out.add(f"account_id: {_scalar(account)}", f"the workspace ({workspaces.name})")
+    used = {*table.primary_key, created, user, account}
+    rest = [
+        c
+        for c in table.columns
+        if c.name not in used
+        and not _PRIVATE.search(c.name)
+        and c.kind in ("text", "integer", "number", "boolean", "datetime", "date")
+    ]
+    if rest:
+        out.add("# properties:", "the columns to send with each event, e.g.")
+        for column in rest:
+            out.add(f"#   {_scalar(column.name)}: {_scalar(column.name)}")
+    return Draft(f"{model}_created.yml", table.name, out.text(), tuple(out.todo))
