@@ -25,11 +25,12 @@ from sqlalchemy.engine import Engine
 
 from etl import redact
 from etl.delivery import load
-from etl.errors import SourceError, UsageError
+from etl.errors import MappingError, SourceError, UsageError
 from etl.mapping.fields import parse_lookback
 from etl.mapping.parse import load_mappings
 from etl.mapping.schema import SCHEMA_FILE, mapping_schema_text
 from etl.model import DeliveryConfig, DiffReport, Mapping, RunReport, Secret, Shard
+from etl.run import sample
 from etl.run.options import Collaborators, Progress, RunOptions
 from etl.run.pipeline import run
 from etl.settings import DELIVERY, JOB, MIN_BATCH_BYTES, READ
@@ -206,7 +207,12 @@ def validate(
     if source_url is None:
         return []
     with _source(source_url) as source:
-        return check.check_source(source, mappings)
+        notes = check.check_source(source, mappings)
+        # SPEC §11: real rows through the transform, before any run
+        problems, sampled = sample.sample_source(source, mappings, rows=READ.sample_rows)
+    if problems:
+        raise MappingError([*problems, *(f"note: {line}" for line in sampled)])
+    return [*notes, *sampled]
 
 
 def init(

@@ -40,6 +40,8 @@ class ReadSettings:
     # when the last one is older. A week: deletions and changes no cursor sees reach
     # Hyperengage within days, for one full pass per stream per week.
     full_every_seconds: float | None = 7 * 86400.0
+    # `validate --check-source`: rows read from each end of the key and cursor orders
+    sample_rows: int = 50
 
 
 @dataclass(frozen=True)

@@ -352,3 +352,76 @@ def test_the_example_mappings_pass_check_source_on_their_schemas(
     env = {"ETL_SOURCE_URL": pg_url, "ETL_MAPPINGS": str(EXAMPLES / app)}
     result = run_cli(["validate", "--check-source"], env)
     assert result.exit_code == 0, result.stderr + result.stdout
+
+
+BROKEN_USERS = """\
+event_type: user_identify
+source:
+  query: >
+    SELECT u.id, u.email, u.first_name, u.last_name, u.date_joined, u.updated_at,
+           u.profile, m.workspace_id, m.role
+    FROM accounts_user u JOIN workspaces_membership m ON m.user_id = u.id
+key: id
+cursor: updated_at
+user_id: id
+account_id: workspace_id
+traits:
+  email: email
+  name: {sql: "first_name || ' ' || last_name"}
+  created_at: {column: date_joined, type: datetime}
+  role: role
+  profile: profile
+"""
+
+
+@pytest.mark.postgres
+def test_check_source_names_the_jsonb_trait_and_the_repeated_key_before_any_run(
+    tmp_path: Path, pg_url: str, receiver: RunningReceiver
+) -> None:
+    """A jsonb object mapped as a trait and a join that repeats users in two workspaces:
+    `validate --check-source` reads a sample, exits 2 naming both (and the membership
+    table no cursor covers), before anything is read by a run or sent."""
+    engine = sa.create_engine(pg_url)
+    try:
+        data = build_django(engine)
+    finally:
+        engine.dispose()
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "users.yml").write_text(BROKEN_USERS)
+    env = cli_env(tmp_path, pg_url, receiver.url)
+    result = run_cli(["validate", "--check-source"], env)
+    assert result.exit_code == 2, result.stdout
+    assert "users.yml: traits.profile: every sampled row is invalid: profile: nested object" in (
+        result.stderr
+    )
+    repeated = len(data.two_workspace_users)
+    assert f"users.yml: key: {repeated} of {data.users} sampled key(s) come from more than" in (
+        result.stderr
+    )
+    assert "reads table 'workspaces_membership', whose changes move neither" in result.stderr
+    assert receiver.requests() == []
+    assert not (tmp_path / "state.db").exists()
+
+
+def test_check_source_reports_the_share_of_whitespace_names(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """Three users of thirty with empty names: a note with the share and the reason,
+    exit 0 (bad rows, not a bad mapping)."""
+    engine = sa.create_engine(sqlite_url)
+    try:
+        build_django(engine)
+    finally:
+        engine.dispose()
+    (tmp_path / "mappings").mkdir()
+    users = PORTABLE_USERS.replace(
+        "name: username", "name: {sql: \"first_name || ' ' || last_name\"}"
+    )
+    (tmp_path / "mappings" / "users.yml").write_text(users)
+    result = run_cli(["validate", "--check-source"], cli_env(tmp_path, sqlite_url, ""))
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "users.yml: traits.name: 3 of 30 sampled row(s) (10%) invalid, e.g. required trait "
+        "'name' is only whitespace" in result.stdout
+    )
+    assert "0 repeated key(s)" in result.stdout
