@@ -36,6 +36,7 @@ from etl.run.pipeline import run
 from etl.settings import DELIVERY, JOB, MIN_BATCH_BYTES, READ
 from etl.source import check, extract, introspect, scaffold
 from etl.source import drivers as sourcedb
+from etl.source.resume import Reconnect
 from etl.source.scaffold import Draft
 from etl.state.store import StateStore
 
@@ -53,6 +54,8 @@ def sync(
     page_size: int = READ.page_size,
     shard: str | Shard | None = None,
     max_transaction_age: Duration = READ.max_transaction_age,
+    reconnect_attempts: int = READ.reconnect_attempts,
+    reconnect_time: Duration = READ.reconnect_time,
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
@@ -82,6 +85,7 @@ def sync(
         page_size=page_size,
         shard=parse_shard(shard),
         max_transaction_age=parse_age(max_transaction_age),
+        reconnect=parse_reconnect(reconnect_attempts, reconnect_time),
     )
     return _send(
         "sync",
@@ -106,6 +110,8 @@ def backfill(
     page_size: int = READ.page_size,
     shard: str | Shard | None = None,
     max_transaction_age: Duration = READ.max_transaction_age,
+    reconnect_attempts: int = READ.reconnect_attempts,
+    reconnect_time: Duration = READ.reconnect_time,
     endpoint: str | None = None,
     token: str | Secret | None = None,
     token_file: str | Path | None = None,
@@ -140,6 +146,7 @@ def backfill(
         page_size=page_size,
         shard=parse_shard(shard),
         max_transaction_age=parse_age(max_transaction_age),
+        reconnect=parse_reconnect(reconnect_attempts, reconnect_time),
     )
     return _send(
         "backfill",
@@ -164,6 +171,8 @@ def diff(
     page_size: int = READ.page_size,
     shard: str | Shard | None = None,
     max_transaction_age: Duration = READ.max_transaction_age,
+    reconnect_attempts: int = READ.reconnect_attempts,
+    reconnect_time: Duration = READ.reconnect_time,
     api_key: str | None = None,
     workspace_key: str | None = None,
 ) -> tuple[RunReport, DiffReport]:
@@ -182,6 +191,7 @@ def diff(
         page_size=page_size,
         shard=parse_shard(shard),
         max_transaction_age=parse_age(max_transaction_age),
+        reconnect=parse_reconnect(reconnect_attempts, reconnect_time),
     )
     with _source(source_url) as source, _state(state_url, readonly=True) as state:
         check.prepare(source, mappings)
@@ -309,6 +319,23 @@ def parse_age(value: Duration) -> dt.timedelta:
         raise UsageError(
             f"--max-transaction-age: {exc} — use 30s, 10m, 2h, 1d or a number of seconds"
         ) from None
+
+
+def parse_reconnect(attempts: int, time: Duration) -> Reconnect:
+    """`--reconnect-attempts` and `--reconnect-time` -> the budget for a lost source
+    connection (UsageError if not)."""
+    if attempts < 0:
+        raise UsageError(f"--reconnect-attempts: {attempts} — use 0 (never) or more")
+    if isinstance(time, dt.timedelta):
+        seconds = time.total_seconds()
+    else:
+        try:
+            seconds = parse_lookback(time)
+        except ValueError as exc:
+            raise UsageError(
+                f"--reconnect-time: {exc} — use 30s, 10m, 2h, 1d or a number of seconds"
+            ) from None
+    return Reconnect(attempts=attempts, seconds=seconds)
 
 
 def parse_shard(shard: str | Shard | None) -> Shard | None:

@@ -149,6 +149,24 @@ _reading = _options(
         help="A source transaction open longer than this (30s, 10m, 2h, 1d) no longer "
         "holds the watermark back; it is logged. [env ETL_MAX_TRANSACTION_AGE]",
     ),
+    click.option(
+        "--reconnect-attempts",
+        envvar="ETL_RECONNECT_ATTEMPTS",
+        default=READ.reconnect_attempts,
+        show_default=True,
+        type=click.IntRange(0, 1000),
+        help="A lost source connection is opened again up to N times (with backoff), "
+        "and the read resumes where it was. [env ETL_RECONNECT_ATTEMPTS]",
+    ),
+    click.option(
+        "--reconnect-time",
+        envvar="ETL_RECONNECT_TIME",
+        default=duration_text(READ.reconnect_time),
+        show_default=True,
+        metavar="DURATION",
+        help="The time those reconnects may take in all, per outage (30s, 10m). "
+        "[env ETL_RECONNECT_TIME]",
+    ),
 )
 
 

@@ -36,6 +36,9 @@ class ReadSettings:
     lookback_seconds: float = 600.0
     # an older open transaction no longer holds the watermark back
     max_transaction_age: dt.timedelta = dt.timedelta(hours=1)
+    # a lost source connection: reconnects per outage, and the time they may take
+    reconnect_attempts: int = 5
+    reconnect_time: dt.timedelta = dt.timedelta(minutes=1)
     # a mapping's `full_every:` when it has none (SPEC §9): a sync becomes a full read
     # when the last one is older. A week: deletions and changes no cursor sees reach
     # Hyperengage within days, for one full pass per stream per week.

@@ -29,6 +29,8 @@ SETTINGS_DEFAULTS: dict[str, Any] = {
     "--log-format": JOB.log_format,
     "--page-size": READ.page_size,
     "--max-transaction-age": duration_text(READ.max_transaction_age),
+    "--reconnect-attempts": READ.reconnect_attempts,
+    "--reconnect-time": duration_text(READ.reconnect_time),
     "--endpoint": DELIVERY.endpoint,
     "--batch-size": DELIVERY.batch_size,
     "--batch-bytes": DELIVERY.batch_bytes,
@@ -127,6 +129,8 @@ def test_stage_defaults_are_the_settings() -> None:
     options = RunOptions()
     assert options.page_size == READ.page_size
     assert options.max_transaction_age == READ.max_transaction_age
+    assert options.reconnect.attempts == READ.reconnect_attempts
+    assert options.reconnect.seconds == READ.reconnect_time.total_seconds()
     lookback = {f.name: f.default for f in dataclasses.fields(Mapping)}["lookback_seconds"]
     assert lookback == READ.lookback_seconds
     config = DeliveryConfig(endpoint=DELIVERY.endpoint, token=etl.model.Secret("t"))

@@ -49,8 +49,8 @@ class Reconnect:
     reconnects in at most `seconds` per outage (the budget is whole again once a
     page was read on the new connection)."""
 
-    attempts: int = 5
-    seconds: float = 60.0
+    attempts: int = READ.reconnect_attempts
+    seconds: float = READ.reconnect_time.total_seconds()
 
 
 @dataclass(frozen=True)
