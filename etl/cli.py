@@ -37,8 +37,10 @@ from etl.mapping.schema import SCHEMA_FILE, mapping_schema_text
 from etl.model import RunReport
 from etl.monitor import metrics, notify, outcome
 from etl.report import render as report
+from etl.report.common import MORE_HINT
 from etl.settings import (
     DELIVERY,
+    DIFF_TERMINAL_LIMIT,
     JOB,
     MAX_BATCH_SIZE,
     MAX_CONCURRENCY,
@@ -420,18 +422,41 @@ def backfill(**kw: Any) -> None:
     help="Report format.",
 )
 @click.option("--output", type=click.Path(path_type=Path), help="Write the report to FILE.")
-@click.option("--limit", type=click.IntRange(0), help="At most N records listed per stream.")
+@click.option(
+    "--limit",
+    type=click.IntRange(0),
+    help="At most N records listed per stream (counts stay exact). "
+    f"Default: all, or {DIFF_TERMINAL_LIMIT} as text on a terminal.",
+)
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="List every record, also on a terminal.",
+)
 @click.option("--redact", is_flag=True, help="Mask trait values (emails, names) for sharing.")
 @_handled
-def diff(fmt: str, output: Path | None, redact: bool, **kw: Any) -> None:
+def diff(fmt: str, output: Path | None, redact: bool, show_all: bool, **kw: Any) -> None:
     """Dry run: what `sync` would send, field by field. Sends and writes nothing."""
-    _diff(fmt=fmt, output=output, redact=redact, **kw)
+    _diff(fmt=fmt, output=output, redact=redact, show_all=show_all, **kw)
 
 
-def _diff(*, fmt: str, output: Path | None, redact: bool, **kw: Any) -> None:
+def _diff(
+    *, fmt: str, output: Path | None, redact: bool, show_all: bool = False, **kw: Any
+) -> None:
+    to_terminal = fmt == "text" and output is None and sys.stdout.isatty()
+    hint = MORE_HINT
+    if show_all:
+        kw["limit"] = None
+    elif kw.get("limit") is None and to_terminal:
+        # thousands of new rows would scroll the summary away; a file or pipe gets all
+        kw["limit"] = DIFF_TERMINAL_LIMIT
+        hint = (
+            f"a terminal shows {DIFF_TERMINAL_LIMIT} per stream: `etl diff --all` lists "
+            "every one, or pipe it or use --output FILE"
+        )
     run, result = api.diff(**_library_args(api.diff, kw))
-    color = fmt == "text" and output is None and sys.stdout.isatty()
-    text = report.render_diff(result, format=fmt, color=color, redact=redact)
+    text = report.render_diff(result, format=fmt, color=to_terminal, redact=redact, more_hint=hint)
     if output is not None:
         output.write_text(text, encoding="utf-8")
         click.echo(f"wrote {fmt} report to {output}", err=True)

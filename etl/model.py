@@ -429,6 +429,9 @@ class DiffRecord:
     reason: str | None = None
     # track streams: the event's name, utc_time and ids (properties are in `traits`)
     event: dict[str, Any] = field(default_factory=dict)
+    # who the event is about (new and changed records; None when invalid or gone)
+    user_id: str | None = None
+    account_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -441,6 +444,8 @@ class DiffStream:
     records: tuple[DiffRecord, ...]
     truncated: int = 0  # records left out by --limit
     kind: StreamKind = "identify"
+    # trait -> how many changed records change it (all of them, listed or not)
+    changed_traits: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

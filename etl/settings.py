@@ -78,6 +78,10 @@ class EventIdentity:
     workspace_key: str
 
 
+# `etl diff` as text on a terminal lists at most this many records per stream
+# (invalid first); `--all`, `--limit`, a pipe or `--output` list more.
+DIFF_TERMINAL_LIMIT: Final = 25
+
 # Limits of the sending options, shared by the CLI's ranges and the API's checks.
 MIN_BATCH_BYTES: Final = 1024
 MAX_BATCH_SIZE: Final = 10_000

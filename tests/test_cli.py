@@ -109,13 +109,17 @@ def test_diff_html_is_one_self_contained_page(env: dict[str, str], tmp_path: Pat
 
 
 def test_diff_limit_and_redact(env: dict[str, str]) -> None:
-    """--limit caps listed records (counts stay exact); --redact masks emails and names."""
+    """--limit caps listed records, invalid ones first (counts stay exact); --redact masks
+    emails and names."""
     result = run_cli(["diff", "--format", "json", "--limit", "1", "--redact"], env)
     stream = next(s for s in json.loads(result.stdout)["streams"] if s["stream"] == "users")
-    assert len(stream["records"]) == 1
+    assert [r["kind"] for r in stream["records"]] == ["invalid"]
     assert stream["truncated"] == 2
     assert stream["counts"]["changed"] == 2
-    traits = stream["records"][0]["traits"]
+    result = run_cli(["diff", "--format", "json", "--limit", "2", "--redact"], env)
+    stream = next(s for s in json.loads(result.stdout)["streams"] if s["stream"] == "users")
+    assert [r["kind"] for r in stream["records"]] == ["invalid", "changed"]
+    traits = stream["records"][1]["traits"]
     assert traits["email"].startswith("u***@e***.")
     assert "example.com" not in result.stdout
 

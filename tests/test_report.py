@@ -161,6 +161,8 @@ def test_json_round_trips_with_the_stable_schema(report: DiffReport) -> None:
     assert users["records"][2] == {
         "key": "u_3",
         "kind": "invalid",
+        "user_id": None,
+        "account_id": None,
         "traits": {},
         "changes": {},
         "reason": "traits.email: missing — required",
@@ -172,7 +174,15 @@ def test_json_key_order_is_stable(report: DiffReport) -> None:
     data = json.loads(render_diff(report, format="json"))
     assert list(data) == ["schema_version", "mode", "streams"]
     stream = data["streams"][0]
-    assert list(stream) == ["stream", "kind", "event_type", "counts", "records", "truncated"]
+    assert list(stream) == [
+        "stream",
+        "kind",
+        "event_type",
+        "counts",
+        "records",
+        "truncated",
+        "changed_traits",
+    ]
     assert list(stream["counts"]) == [
         "read",
         "new",
@@ -182,7 +192,15 @@ def test_json_key_order_is_stable(report: DiffReport) -> None:
         "gone",
         "null_cursor",
     ]
-    assert list(stream["records"][1]) == ["key", "kind", "traits", "changes", "reason"]
+    assert list(stream["records"][1]) == [
+        "key",
+        "kind",
+        "user_id",
+        "account_id",
+        "traits",
+        "changes",
+        "reason",
+    ]
     assert list(stream["records"][1]["changes"]["seats"]) == ["old", "new"]
 
 
@@ -252,7 +270,7 @@ def test_text_shows_null_empty_and_absent_differently(report: DiffReport) -> Non
 def test_text_truncation_and_total(report: DiffReport) -> None:
     """A truncated stream says how many records were left out; the last line totals all."""
     lines = render_diff(report, format="text").splitlines()
-    assert "… and 3 more (raise --limit)" in lines
+    assert "… and 3 more not listed (raise --limit)" in lines
     assert lines[-1] == (
         "total (incremental, 2 streams): 5 new, 3 changed, 2 invalid, 1,327 unchanged, "
         "1 gone — read 1,337; dry run, nothing sent"
@@ -307,8 +325,8 @@ def test_markdown_change_table_and_key_lists(report: DiffReport) -> None:
     assert "- u\\_1" in lines
     assert "- u\\_3 — traits.email: missing — required" in lines
     assert "- u\\_4" in lines
-    assert "\\_… and 3 more (raise --limit)\\_" not in lines
-    assert "_… and 3 more (raise --limit)_" in lines
+    assert "\\_… and 3 more not listed (raise --limit)\\_" not in lines
+    assert "_… and 3 more not listed (raise --limit)_" in lines
 
 
 def test_markdown_escapes_pipes_and_backticks() -> None:
@@ -347,20 +365,23 @@ class _PageParser(HTMLParser):
         self._in_summary = False
         self._row: list[str] | None = None
         self._text: list[str] = []
+        self._kind = ""
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append(tag)
         self.attributes.extend(attrs)
         classes = (dict(attrs).get("class") or "").split()
-        if tag == "article" and "card" in classes:
-            self.cards.append(next(c for c in classes if c != "card"))
+        if tag == "details" and "kind" in classes:
+            self._kind = classes[-1]
+        if tag == "tr" and "rec" in classes:
+            self.cards.append(self._kind)
         if tag == "table" and "summary" in classes:
             self._in_summary = True
         if self._in_summary and tag == "tr":
             self._row = []
         if tag in ("td", "th"):
             self._text = []
-        if tag not in ("meta", "br"):
+        if tag not in ("meta", "br", "input"):
             self.open.append(tag)
 
     def handle_endtag(self, tag: str) -> None:
@@ -380,7 +401,7 @@ class _PageParser(HTMLParser):
 SAFE_TAGS = (
     *("html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "p", "a", "div"),
     *("table", "thead", "tbody", "tfoot", "tr", "th", "td", "section", "header", "article"),
-    *("span", "code"),
+    *("span", "code", "nav", "fieldset", "legend", "input", "label", "details", "summary", "h3"),
 )
 
 
@@ -429,25 +450,28 @@ def test_html_is_one_balanced_page_with_a_summary(report: DiffReport) -> None:
         "1,217",
     ]
     assert parsed.summary_rows[3][0] == "Total"
-    assert "… and 3 more (raise --limit)" in page
+    assert "… and 3 more not listed (raise --limit)" in page
 
 
-def test_html_has_a_card_per_record(report: DiffReport) -> None:
-    """Every record becomes one card whose class names its kind."""
+def test_html_has_a_row_per_record_invalid_first(report: DiffReport) -> None:
+    """Every record becomes one row in its kind's table; invalid ones come first."""
     parsed = _parse(render_diff(report, format="html"))
-    expected = [r.kind for s in report.streams for r in s.records]
+    order = ("invalid", "changed", "new", "gone")
+    expected = [
+        r.kind for s in report.streams for r in sorted(s.records, key=lambda r: order.index(r.kind))
+    ]
     assert parsed.cards == expected
+    assert parsed.cards[: len(report.streams[0].records)][0] == "invalid"
 
 
-def test_html_changed_card_highlights_changed_cells(report: DiffReport) -> None:
-    """A changed record shows old and new side by side, changed rows marked, absent shown."""
+def test_html_changed_rows_show_old_and_new(report: DiffReport) -> None:
+    """A changed record shows each changed trait's old and new side by side, absent shown."""
     page = render_diff(report, format="html")
     assert (
-        '<tr class="changed"><th>email</th><td class="old"><span class="v">&quot;robert@corp.io'
-        '&quot;</span></td><td class="new"><span class="v">&quot;bob@corp.io&quot;</span></td></tr>'
+        '<td class="v">email</td><td data-side=old class="v">&quot;robert@corp.io&quot;</td>'
+        '<td data-side=new class="v">&quot;bob@corp.io&quot;</td>'
     ) in page
-    assert '<tr class="same"><th>name</th>' in page
-    assert '<td class="new"><span class="absent">absent</span></td>' in page
+    assert '<td data-side=new class="absent">absent</td>' in page
 
 
 def test_html_escapes_markup_in_values(report: DiffReport) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from etl.model import DiffRecord, DiffReport, DiffStream
@@ -49,8 +49,29 @@ def count_phrase(counts: Mapping[str, int], sep: str = ", ") -> str:
     return f"{parts} — read {counts['read']:,}{note}"
 
 
-def more_note(stream: DiffStream) -> str:
-    return f"… and {stream.truncated:,} more (raise --limit)"
+# What a truncated list says by default; the CLI passes its own on a terminal.
+MORE_HINT: Final = "raise --limit"
+# The order records are listed in: what needs a person first.
+KIND_ORDER: Final = ("invalid", "changed", "new", "gone")
+
+
+def more_note(stream: DiffStream, hint: str = MORE_HINT) -> str:
+    return f"… and {stream.truncated:,} more not listed ({hint})"
+
+
+def ordered(records: Sequence[DiffRecord]) -> list[DiffRecord]:
+    """`records` with invalid ones first, then changed, new and gone (stable)."""
+    return sorted(records, key=lambda record: KIND_ORDER.index(record.kind))
+
+
+def ids_note(record: DiffRecord) -> str:
+    """`user_id=… account_id=…` of a new or changed record, else ""."""
+    parts = [
+        f"{name}={plain(value)}"
+        for name, value in (("user_id", record.user_id), ("account_id", record.account_id))
+        if value is not None
+    ]
+    return " ".join(parts)
 
 
 def side(change: Mapping[str, Any], which: str) -> Any:

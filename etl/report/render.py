@@ -21,11 +21,14 @@ from etl.model import DiffRecord, DiffReport, DiffStream, RunReport, StreamRepor
 from etl.redact import mask_value
 from etl.report.common import (
     COUNT_KEYS,
+    MORE_HINT,
     SUMMARY_KEYS,
     count_phrase,
     counts,
     event_line,
+    ids_note,
     more_note,
+    ordered,
     plain,
     show,
     side,
@@ -70,7 +73,15 @@ DIFF_JSON_SCHEMA: Final[dict[str, Any]] = {
     "$defs": {
         "stream": {
             "type": "object",
-            "required": ["stream", "kind", "event_type", "counts", "records", "truncated"],
+            "required": [
+                "stream",
+                "kind",
+                "event_type",
+                "counts",
+                "records",
+                "truncated",
+                "changed_traits",
+            ],
             "additionalProperties": False,
             "properties": {
                 "stream": {"type": "string"},
@@ -84,15 +95,18 @@ DIFF_JSON_SCHEMA: Final[dict[str, Any]] = {
                 },
                 "records": {"type": "array", "items": {"$ref": "#/$defs/record"}},
                 "truncated": _COUNT,
+                "changed_traits": {"type": "object", "additionalProperties": _COUNT},
             },
         },
         "record": {
             "type": "object",
-            "required": ["key", "kind", "traits", "changes", "reason"],
+            "required": ["key", "kind", "user_id", "account_id", "traits", "changes", "reason"],
             "additionalProperties": False,
             "properties": {
                 "key": {"type": "string"},
                 "kind": {"enum": ["new", "changed", "invalid", "gone"]},
+                "user_id": {"type": ["string", "null"]},
+                "account_id": {"type": ["string", "null"]},
                 "traits": {"type": "object", "additionalProperties": _VALUE},
                 "changes": {"type": "object", "additionalProperties": {"$ref": "#/$defs/change"}},
                 "reason": {"type": ["string", "null"]},
@@ -166,6 +180,7 @@ def _stream_to_dict(stream: DiffStream) -> dict[str, Any]:
         "counts": counts(stream),
         "records": [_record_to_dict(record) for record in stream.records],
         "truncated": stream.truncated,
+        "changed_traits": dict(stream.changed_traits),
     }
 
 
@@ -173,6 +188,8 @@ def _record_to_dict(record: DiffRecord) -> dict[str, Any]:
     out = {
         "key": record.key,
         "kind": record.kind,
+        "user_id": record.user_id,
+        "account_id": record.account_id,
         "traits": dict(record.traits),
         "changes": {
             trait: {side: change[side] for side in ("old", "new") if side in change}
@@ -198,10 +215,16 @@ def _paint(text: str, style: str, color: bool) -> str:
     return f"\x1b[{_ANSI[style]}m{text}\x1b[0m" if color else text
 
 
+def _text_head(mark: str, record: DiffRecord, color: bool, extra: str = "") -> str:
+    ids = ids_note(record)
+    head = _paint(f"{mark} {plain(record.key)}{extra}", record.kind, color)
+    return f"{head}  {ids}" if ids else head
+
+
 def _text_new(record: DiffRecord, color: bool) -> list[str]:
     traits = [f"    {plain(name)}: {show(value)}" for name, value in record.traits.items()]
     event = f"  {event_line(record)}" if record.event else ""
-    return [_paint(f"+ {plain(record.key)}{event}", "new", color), *traits]
+    return [_text_head("+", record, color, event), *traits]
 
 
 def _text_changed(record: DiffRecord, color: bool) -> list[str]:
@@ -210,7 +233,7 @@ def _text_changed(record: DiffRecord, color: bool) -> list[str]:
         for name, change in record.changes.items()
     ]
     note = f"  {plain(record.reason)}" if record.event and record.reason else ""
-    return [_paint(f"~ {plain(record.key)}{note}", "changed", color), *changes]
+    return [_text_head("~", record, color, note), *changes]
 
 
 def _text_invalid(record: DiffRecord, color: bool) -> list[str]:
@@ -230,15 +253,15 @@ _TEXT_RECORD: Final[dict[str, Callable[[DiffRecord, bool], list[str]]]] = {
 }
 
 
-def _render_text(report: DiffReport, color: bool) -> str:
+def _render_text(report: DiffReport, color: bool, hint: str) -> str:
     lines: list[str] = []
     for stream in report.streams:
         header = f"{plain(stream.stream)} ({stream.event_type}): {count_phrase(counts(stream))}"
         lines.append(_paint(header, "header", color))
-        for record in stream.records:
+        for record in ordered(stream.records):
             lines.extend(_TEXT_RECORD[record.kind](record, color))
         if stream.truncated:
-            lines.append(more_note(stream))
+            lines.append(more_note(stream, hint))
         lines.append("")
     streams = f"{len(report.streams)} stream{'s' if len(report.streams) != 1 else ''}"
     total = count_phrase(total_counts(report))
@@ -288,13 +311,16 @@ def _md_change_table(records: Sequence[DiffRecord]) -> list[str]:
     ]
 
 
-def _md_key_list(title: str, records: Sequence[DiffRecord], with_reason: bool = False) -> list[str]:
+def _md_key_list(
+    title: str, records: Sequence[DiffRecord], *, with_reason: bool = False, with_ids: bool = False
+) -> list[str]:
     if not records:
         return []
     items = [
         f"- {_md(r.key)}"
         + (f" — {_md(r.reason or 'invalid')}" if with_reason else "")
         + (f" — {_md(event_line(r))}{_md_properties(r)}" if r.event else "")
+        + (f" ({_md(ids_note(r))})" if with_ids and ids_note(r) else "")
         for r in records
     ]
     return [title, "", *items, ""]
@@ -307,7 +333,7 @@ def _md_properties(record: DiffRecord) -> str:
     return " — " + ", ".join(f"{_md(n)}: {_md(show(v))}" for n, v in record.traits.items())
 
 
-def _md_stream(stream: DiffStream) -> list[str]:
+def _md_stream(stream: DiffStream, hint: str) -> list[str]:
     by_kind = {kind: [r for r in stream.records if r.kind == kind] for kind in KINDS}
     lines = [
         f"### {_md(stream.stream)} (`{stream.event_type}`)",
@@ -315,46 +341,48 @@ def _md_stream(stream: DiffStream) -> list[str]:
         count_phrase(counts(stream)),
         "",
     ]
+    lines += _md_key_list("**Invalid**", by_kind["invalid"], with_reason=True)
     lines += _md_change_table(by_kind["changed"])
     if stream.kind == "track" and by_kind["changed"]:
         lines += [f"_{_md(by_kind['changed'][0].reason or '')}_", ""]
-    lines += _md_key_list("**New**", by_kind["new"])
-    lines += _md_key_list("**Invalid**", by_kind["invalid"], with_reason=True)
+    lines += _md_key_list("**New**", by_kind["new"], with_ids=True)
     lines += _md_key_list(f"**Gone** {GONE_NOTE}", by_kind["gone"])
     if stream.truncated:
-        lines += [f"_{_md(more_note(stream))}_", ""]
+        lines += [f"_{_md(more_note(stream, hint))}_", ""]
     return lines
 
 
-def _render_markdown(report: DiffReport) -> str:
+def _render_markdown(report: DiffReport, hint: str) -> str:
     lines = [f"## etl diff ({report.mode}): what the next sync would send", ""]
     lines += [*_md_summary(report), ""]
     for stream in report.streams:
-        lines += _md_stream(stream)
+        lines += _md_stream(stream, hint)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _render_html(report: DiffReport) -> str:
-    return render_html(report)
-
-
-_DIFF_RENDERERS: Final[dict[str, Callable[[DiffReport, bool], str]]] = {
+_DIFF_RENDERERS: Final[dict[str, Callable[[DiffReport, bool, str], str]]] = {
     "text": _render_text,
-    "json": lambda report, _color: _render_json(report),
-    "markdown": lambda report, _color: _render_markdown(report),
-    "html": lambda report, _color: _render_html(report),
+    "json": lambda report, _color, _hint: _render_json(report),
+    "markdown": lambda report, _color, hint: _render_markdown(report, hint),
+    "html": lambda report, _color, hint: render_html(report, hint=hint),
 }
 
 
 def render_diff(
-    report: DiffReport, *, format: str, color: bool = False, redact: bool = False
+    report: DiffReport,
+    *,
+    format: str,
+    color: bool = False,
+    redact: bool = False,
+    more_hint: str = MORE_HINT,
 ) -> str:
     """The dry-run report in one of FORMATS, ending with a newline. `color` adds
-    ANSI colours to the text format; `redact` masks trait values (etl.redact.mask_value)."""
+    ANSI colours to the text format; `redact` masks trait values (etl.redact.mask_value);
+    `more_hint` says how to see the records a limit left out."""
     renderer = _DIFF_RENDERERS.get(format)
     if renderer is None:
         raise UsageError(f"unknown report format {format!r} — use one of {', '.join(FORMATS)}")
-    return renderer(_redact_report(report) if redact else report, color)
+    return renderer(_redact_report(report) if redact else report, color, more_hint)
 
 
 # --- tables and run summaries ---------------------------------------------

@@ -521,6 +521,7 @@ def _diff_stream(report: StreamReport, dry: DryRun) -> DiffStream:
         counts=counts,
         records=dry.records,
         truncated=dry.truncated,
+        changed_traits=dry.changed_traits,
     )
 
 
