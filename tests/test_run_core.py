@@ -420,7 +420,7 @@ def test_events_stop_mid_page_when_asked() -> None:
 
 
 def test_dry_run_lists_changes_up_to_the_limit_and_the_gone() -> None:
-    """A dry run lists new, changed and invalid records up to its limit (the rest
+    """A dry run lists invalid, changed and new records up to its limit (the rest
     counted as truncated) and, after a full read (with_gone), keys no longer in the
     source."""
     state = MemoryState()
@@ -437,12 +437,12 @@ def test_dry_run_lists_changes_up_to_the_limit_and_the_gone() -> None:
     full = with_gone(pages, plan=plan, state=state, counts=counts, stop=threading.Event())
     dry = collect(full, plan=plan, state=state, limit=10)
     assert [(r.key, r.kind) for r in dry.records] == [
+        ("w4", "invalid"),
         ("w2", "changed"),
         ("w3", "new"),
-        ("w4", "invalid"),
         ("w9", "gone"),
     ]
-    assert dry.records[0].changes == {"plan": {"old": "free", "new": "pro"}}
+    assert dry.records[1].changes == {"plan": {"old": "free", "new": "pro"}}
     assert (dry.gone, dry.truncated) == (1, 0)
     again = classify(
         iter([[row(2, plan="pro"), row(3)]]),
