@@ -38,7 +38,10 @@ SETTINGS_DEFAULTS: dict[str, Any] = {
     "--max-rps": DELIVERY.max_rps,
 }
 # options only the CLI has: monitoring, logging, and the flags that pick the command
-CLI_ONLY = {"metrics_file", "notify_url", "log_format", "dry_run", "fmt", "output", "redact"}
+CLI_ONLY = {
+    *("metrics_file", "notify_url", "log_format", "dry_run", "fmt", "output", "redact"),
+    "show_all",  # diff --all: how much of the report to print, not what to read
+}
 
 
 def _options(command: click.Command) -> dict[str, click.Option]:
