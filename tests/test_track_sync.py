@@ -173,6 +173,7 @@ def test_history_goes_by_backfill_and_new_rows_once_each(rig: Rig) -> None:
     assert "--force" in again.stderr
     forced = rig.cli("backfill", "--force")
     assert forced.exit_code == 0, forced.stderr
+    assert '"event": "backfill.resend"' in forced.stderr
     assert len(rig.events()) == 2600
 
     # appended rows, 60 of them tied on one time across 50-row pages

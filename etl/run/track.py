@@ -565,6 +565,13 @@ def run_track_stream(
             bound.info("track.start", start=_iso(plan.state.start), note="history: etl backfill")
         if backfill and plan.after:
             bound.info("backfill.resume", after=plan.after)
+        elif backfill and previous is not None and previous.backfill_done_at is not None:
+            # --force (check_track_run refused it otherwise): say what it does
+            bound.warning(
+                "backfill.resend",
+                finished=previous.backfill_done_at.isoformat(timespec="seconds"),
+                note="--force: sending the history again, with the same event ids",
+            )
         if backfill and plan.upper is None:
             bound.info("backfill.nothing", reason="the stream started on an empty table")
         if not options.dry_run and (backfill or previous is None):
