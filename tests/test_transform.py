@@ -20,6 +20,7 @@ from etl.model import MAX_EVENT_BYTES, TRAIT_TYPES, Field, Mapping, Record, Sour
 from etl.run.transform import (
     EventContext,
     canonical,
+    event_body,
     event_id,
     make_transformer,
     to_event,
@@ -1143,3 +1144,37 @@ def test_any_row_becomes_a_valid_event_or_an_invalid_record(
     for trait_name, value in sent["traits"].items():
         _check_trait(trait_name, value)
     assert orjson.loads(record.canonical) == record.payload
+
+
+@given(
+    traits=st.dictionaries(
+        st.text(min_size=1, max_size=8),
+        st.one_of(
+            st.text(max_size=20),
+            st.integers(-(2**63), 2**63 - 1),
+            st.booleans(),
+            st.lists(st.text()),
+        ),
+        max_size=5,
+    ),
+    url=st.one_of(st.none(), st.text(max_size=10)),
+    ids=st.tuples(st.text(min_size=1, max_size=10), st.text(min_size=1, max_size=10)),
+)
+@settings(max_examples=150)
+def test_the_event_made_from_canonical_bytes_is_the_same_event(
+    traits: dict[str, Any], url: str | None, ids: tuple[str, str]
+) -> None:
+    """event_body (from the canonical payload's bytes) is the same JSON object as
+    to_event (from the payload), Unicode, url or not, with the same event_id."""
+    payload: dict[str, Any] = {
+        "anonymous_id": "",
+        "user_id": ids[0],
+        "account_id": ids[1],
+        "traits": traits,
+    }
+    if url is not None:
+        payload["url"] = url
+    eid = str(uuid.uuid4())
+    body = event_body(canonical(payload), event_id=eid, context=CONTEXT)
+    assert body.startswith(b"{")
+    assert orjson.loads(body) == orjson.loads(to_event(payload, event_id=eid, context=CONTEXT))

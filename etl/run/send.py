@@ -22,7 +22,7 @@ from etl.run.classify import ClassifiedPage
 from etl.run.diff import fingerprint
 from etl.run.ledger import Ledger, Ref
 from etl.run.plan import StreamPlan
-from etl.run.transform import event_id, to_event
+from etl.run.transform import event_body, event_id
 from etl.state.store import Sent
 
 
@@ -85,7 +85,7 @@ def events(
                 payload_hash=digest,
                 previous=change.previous_event_id,
             )
-            body = to_event(record.payload, event_id=eid, context=context)
+            body = event_body(record.canonical, event_id=eid, context=context)
             # a gone record has no row: no digest, so a key that comes back is re-mapped
             sent = Sent(record.key, digest, record.canonical, eid, source_hash or None)
             yield Outgoing(key=record.key, event_id=eid, body=body, ref=ledger.ref(sent, row))

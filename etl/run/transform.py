@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import uuid
 from collections.abc import Callable, Sequence
@@ -56,6 +57,22 @@ class EventContext:
             canonical(empty)
         )
 
+    @functools.cached_property
+    def envelope(self) -> bytes:
+        """The opening of every event of the stream, up to its event_id's value:
+        `{"api_key":...,"screen_resolution":"0","event_id":"` (see `event_body`)."""
+        fixed = orjson.dumps(
+            {
+                "api_key": self.api_key,
+                "workspace_key": self.workspace_key,
+                "src": "hyperengage",
+                "library": "http",
+                "event_type": self.event_type,
+                "screen_resolution": "0",
+            }
+        )
+        return fixed[:-1] + b',"event_id":"'
+
 
 def canonical(payload: dict[str, Any]) -> bytes:
     """The payload as canonical JSON: sorted keys, compact, UTF-8."""
@@ -90,6 +107,20 @@ def track_event_id(*, workspace_key: str, stream: str, key: str) -> str:
     whatever the row holds, so a re-sent track event can be dropped downstream."""
     name = "\x1f".join(("track", workspace_key, stream, key))
     return str(uuid.uuid5(EVENT_NAMESPACE, name))
+
+
+def event_body(canonical_payload: bytes, *, event_id: str, context: EventContext) -> bytes:
+    """The serialized event of SPEC §2, made from the canonical payload's bytes.
+
+    A payload's fields (anonymous_id, user_id, account_id, url, traits) are
+    event fields as they are, so the event is the stream's fixed envelope, the
+    event_id, then the payload's own members: the traits are serialized once,
+    for the hash, the state and the request body alike. Same JSON object as
+    `to_event` (members in another order).
+    """
+    if context.track:  # a track payload holds its own event_type: to_event builds those
+        raise ValueError("event_body makes identify events only")
+    return b"%s%s\",%s" % (context.envelope, event_id.encode(), canonical_payload[1:])
 
 
 def to_event(payload: dict[str, Any], *, event_id: str, context: EventContext) -> bytes:
