@@ -327,8 +327,29 @@ def _typed(field: Field, tz: dt.tzinfo) -> Callable[[Any], Any]:
         return lambda raw: as_text(raw, tz, encoding)
     if field.type == "datetime":
         return _datetimes(tz)
+    if field.type == "boolean":
+        return lambda raw: raw if type(raw) is bool else as_boolean(raw, tz)
+    if field.type == "string_array":
+        return _string_arrays(tz)
     function = COERCE[field.type]  # type: ignore[index]
     return lambda raw: function(raw, tz)
+
+
+def _string_arrays(tz: dt.tzinfo) -> Callable[[Any], Any]:
+    """`as_string_array` with the commonest case first: a list of plain ASCII text
+    (one join tells, instead of a check per element)."""
+
+    def convert(raw: Any) -> Any:
+        if type(raw) is list:
+            try:
+                joined = "".join(raw)
+            except TypeError:  # an element that is not text
+                return as_string_array(raw, tz)
+            if joined.isascii() and "\x00" not in joined:
+                return raw  # (a str subclass joins too; JSON writes it as text)
+        return as_string_array(raw, tz)
+
+    return convert
 
 
 def _datetimes(tz: dt.tzinfo) -> Callable[[Any], Any]:
