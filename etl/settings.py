@@ -31,7 +31,10 @@ class JobSettings:
 class ReadSettings:
     """How the source is read (SPEC §5)."""
 
-    page_size: int = 5000
+    # rows per keyset page, at most; and about this many bytes of values per page
+    # (memory is a few pages per stream: wide rows make shorter pages)
+    page_size: int = 2000
+    page_bytes: int = 2_000_000
     # a mapping's `lookback:` when it has none
     lookback_seconds: float = 600.0
     # an older open transaction no longer holds the watermark back

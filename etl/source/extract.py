@@ -248,6 +248,7 @@ def read_pages(
     lower: Any = None,
     after: Sequence[Any] | None = None,
     page_size: int = READ.page_size,
+    page_bytes: int = READ.page_bytes,
     shard: Shard | None = None,
     upper: Any = None,
     keyset: bool = True,
@@ -255,8 +256,15 @@ def read_pages(
     """Stream the stream's rows page by page (never OFFSET, never all at once);
     rows with a NULL key (invalid records) come last, streamed by the driver.
     With `shard`, only that shard's rows are read. `keyset=False` reads only the
-    NULL-key rows (a read resumed after the keyset pages)."""
+    NULL-key rows (a read resumed after the keyset pages).
+
+    A page holds at most `page_size` rows and about `page_bytes` bytes of
+    values: the first page is small, and each next one is sized from the rows
+    already read, so wide rows (20 KB texts, big jsonb) make short pages and
+    memory stays flat whatever the row width.
+    """
     n_keys = len(mapping.key)
+    limit = min(page_size, FIRST_PAGE_ROWS)
     while keyset:
         query = build_query(
             mapping,
@@ -264,15 +272,16 @@ def read_pages(
             order=order,
             lower=lower,
             after=after,
-            limit=page_size,
+            limit=limit,
             shard=shard,
             upper=upper,
         )
         rows = _fetch_page(execute(conn, mapping, query))
         if rows:
             yield rows
-        if len(rows) < page_size:
+        if len(rows) < limit:
             break
+        limit = rows_per_page(rows, page_size=page_size, page_bytes=page_bytes)
         last = rows[-1]
         after = last[:n_keys] if order == "key" else (last[n_keys], *last[:n_keys])
     query = build_query(
@@ -284,6 +293,35 @@ def read_pages(
             yield [tuple(row) for row in partition]
     finally:
         result.close()
+
+
+# The first page of a read: enough to size the next ones by, small enough that
+# even rows of 32 KB cost only a few MB.
+FIRST_PAGE_ROWS = 100
+_SAMPLED_ROWS = 16
+
+
+def rows_per_page(rows: Sequence[Sequence[Any]], *, page_size: int, page_bytes: int) -> int:
+    """How many rows like these fit `page_bytes` (at most `page_size`, at least 10),
+    from the sizes of a few of them."""
+    step = max(1, len(rows) // _SAMPLED_ROWS)
+    sample = rows[::step]
+    per_row = sum(row_bytes(row) for row in sample) / len(sample)
+    return max(10, min(page_size, int(page_bytes / max(per_row, 1.0))))
+
+
+def row_bytes(row: Sequence[Any]) -> int:
+    """About how many bytes a row's values hold: text and bytes by length, JSON
+    values (jsonb, arrays) by their serialized length, anything else 8."""
+    size = 0
+    for value in row:
+        if isinstance(value, str | bytes):
+            size += len(value)
+        elif isinstance(value, list | dict):
+            size += len(orjson.dumps(value, default=str))
+        else:
+            size += 8
+    return size
 
 
 _Page = TypeVar("_Page")
