@@ -120,7 +120,7 @@ def event_body(canonical_payload: bytes, *, event_id: str, context: EventContext
     """
     if context.track:  # a track payload holds its own event_type: to_event builds those
         raise ValueError("event_body makes identify events only")
-    return b"%s%s\",%s" % (context.envelope, event_id.encode(), canonical_payload[1:])
+    return b'%s%s",%s' % (context.envelope, event_id.encode(), canonical_payload[1:])
 
 
 def to_event(payload: dict[str, Any], *, event_id: str, context: EventContext) -> bytes:
