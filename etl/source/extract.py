@@ -302,12 +302,12 @@ _SAMPLED_ROWS = 16
 
 
 def rows_per_page(rows: Sequence[Sequence[Any]], *, page_size: int, page_bytes: int) -> int:
-    """How many rows like these fit `page_bytes` (at most `page_size`, at least 10),
-    from the sizes of a few of them."""
+    """How many rows like these fit `page_bytes` (at most `page_size`, at least 10
+    or `page_size`), from the sizes of a few of them."""
     step = max(1, len(rows) // _SAMPLED_ROWS)
     sample = rows[::step]
     per_row = sum(row_bytes(row) for row in sample) / len(sample)
-    return max(10, min(page_size, int(page_bytes / max(per_row, 1.0))))
+    return max(min(10, page_size), min(page_size, int(page_bytes / max(per_row, 1.0))))
 
 
 def row_bytes(row: Sequence[Any]) -> int:
