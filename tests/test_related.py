@@ -425,3 +425,11 @@ def test_check_source_reports_the_share_of_whitespace_names(
         "'name' is only whitespace" in result.stdout
     )
     assert "0 repeated key(s)" in result.stdout
+
+
+def test_the_modelling_guide_shows_the_example_files_as_they_are() -> None:
+    """docs/modelling.md quotes each file of docs/examples verbatim, so the guide shows
+    what the tests run."""
+    guide = (REPO / "docs" / "modelling.md").read_text()
+    for path in sorted(EXAMPLES.glob("*/*.yml")):
+        assert path.read_text().rstrip() in guide, path
