@@ -10,6 +10,7 @@ has an admin connection terminate a real session: no driver is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,23 +28,21 @@ from etl.receiver.server import RunningReceiver, start_receiver
 
 N_WORKSPACES, N_USERS = 3, 30
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+MARIADB_ADMIN_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
 
 
 @dataclass
 class Terminator:
-    """Terminates PostgreSQL sessions when `when(statement, database)` first says so.
+    """Ends database sessions when `when(statement, database)` first says so:
+    `pg_terminate_backend` on PostgreSQL, `KILL CONNECTION` on MariaDB.
 
-    `victims(cursor)` picks the backend pids to terminate (default: the session
-    about to run the statement). `after=True` fires after the statement ran.
+    `victims(admin, cursor)` picks the PostgreSQL backend pids to terminate
+    (default: the session about to run the statement).
     """
 
     when: Callable[[str, str], bool]
     victims: Callable[[sa.Connection, Any], list[int]] | None = None
-    after: bool = False
     fired: int = 0
-    admin: sa.Engine = field(
-        default_factory=lambda: sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    )
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _check(self, conn: Any, cursor: Any, statement: str, *_: Any) -> None:
@@ -54,7 +53,12 @@ class Terminator:
             if self.fired or not self.when(statement, database):
                 return
             self.fired += 1
-        with self.admin.connect() as admin:
+        if conn.engine.dialect.name == "mysql":
+            # the statement about to run meets a killed connection
+            with _admin(MARIADB_ADMIN_URL) as admin:
+                admin.execute(sa.text(f"KILL CONNECTION {int(cursor.connection.thread_id())}"))
+            return
+        with _admin(ADMIN_URL) as admin:
             pids = (
                 self.victims(admin, cursor)
                 if self.victims
@@ -65,14 +69,21 @@ class Terminator:
                 admin.execute(sa.text("SELECT pg_terminate_backend(:p, 5000)"), {"p": pid})
 
     def __enter__(self) -> Terminator:
-        event = "after_cursor_execute" if self.after else "before_cursor_execute"
-        sa.event.listen(sa.engine.Engine, event, self._check)
+        sa.event.listen(sa.engine.Engine, "before_cursor_execute", self._check)
         return self
 
     def __exit__(self, *_: Any) -> None:
-        event = "after_cursor_execute" if self.after else "before_cursor_execute"
-        sa.event.remove(sa.engine.Engine, event, self._check)
-        self.admin.dispose()
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", self._check)
+
+
+@contextlib.contextmanager
+def _admin(url: str) -> Iterator[sa.Connection]:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def sessions_of(*databases: str) -> Callable[[sa.Connection, Any], list[int]]:
@@ -105,9 +116,17 @@ def source(pg_url: str) -> str:
     return pg_url
 
 
-def sync(tmp_path: Path, source: str, rx: RunningReceiver, *extra: str, **env: str) -> Result:
-    copy_mappings(tmp_path / "mappings", dialect="postgresql")
-    args = ["sync", "--page-size", "5", "--batch-size", "4", "--concurrency", "2", *extra]
+def sync(
+    tmp_path: Path,
+    source: str,
+    rx: RunningReceiver,
+    *extra: str,
+    command: str = "sync",
+    **env: str,
+) -> Result:
+    """`etl COMMAND` with small pages and batches (several of each in flight)."""
+    copy_mappings(tmp_path / "mappings", dialect=sa.make_url(source).get_backend_name())
+    args = [command, "--page-size", "5", "--batch-size", "4", "--concurrency", "2", *extra]
     result = run_cli(args, cli_env(tmp_path, source, rx.url, **env))
     print(f"exit {result.exit_code}; stderr: {result.stderr.strip().splitlines()[-1:]}")
     assert "Traceback" not in result.output + result.stderr
@@ -145,11 +164,26 @@ def test_session_lost_before_the_first_page_is_reconnected(
     assert_all_once(slow_receiver)
 
 
+@pytest.mark.parametrize(
+    ("database", "command"),
+    [
+        pytest.param("pg_url", "sync", marks=pytest.mark.postgres, id="postgres-sync"),
+        pytest.param("pg_url", "backfill", marks=pytest.mark.postgres, id="postgres-backfill"),
+        pytest.param("mariadb_url", "sync", marks=pytest.mark.mariadb, id="mariadb-sync"),
+    ],
+)
 def test_session_lost_mid_read_resumes_from_the_last_page(
-    tmp_path: Path, source: str, slow_receiver: RunningReceiver
+    tmp_path: Path,
+    slow_receiver: RunningReceiver,
+    database: str,
+    command: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """Killed before the 3rd page of users (pages left): resumed there, nothing lost or re-sent."""
-    name = _db(source)
+    """Killed before the 3rd page of users (pages left): resumed there in a new snapshot,
+    nothing lost or re-sent."""
+    url = request.getfixturevalue(database)
+    seed(url, n_workspaces=N_WORKSPACES, n_users=N_USERS)
+    name = _db(url)
     pages = Counter[str]()
 
     def third_users_page(sql: str, db: str) -> bool:
@@ -159,11 +193,71 @@ def test_session_lost_mid_read_resumes_from_the_last_page(
         return pages["users"] == 2
 
     with Terminator(third_users_page) as kill:
-        result = sync(tmp_path, source, slow_receiver)
+        result = sync(tmp_path, url, slow_receiver, command=command)
     assert kill.fired == 1
     assert result.exit_code == 0, result.stderr
     assert "source.reconnect" in result.stderr
+    assert "source.resumed" in result.stderr
     assert_all_once(slow_receiver)
+
+
+@pytest.mark.postgres
+def test_reconnect_budget_spent_exits_1_and_the_next_run_delivers_the_rest(
+    tmp_path: Path, source: str, slow_receiver: RunningReceiver
+) -> None:
+    """With no reconnect allowed, a session killed mid-read ends the run: exit 1 saying the
+    connection was lost and the next run picks up; the next run delivers the rest with
+    no more duplicates than the batches in flight."""
+    name = _db(source)
+    pages = Counter[str]()
+
+    def third_users_page(sql: str, db: str) -> bool:
+        if db != name or "FROM users" not in sql or "after0" not in sql:
+            return False
+        pages["users"] += 1
+        return pages["users"] == 2
+
+    with Terminator(third_users_page) as kill:
+        failed = sync(tmp_path, source, slow_receiver, ETL_RECONNECT_ATTEMPTS="0")
+    assert kill.fired == 1
+    assert failed.exit_code == 1
+    assert "users.yml: stream users: the source connection was lost and could not be " in (
+        failed.stderr
+    )
+    assert "the next run picks up where this one stopped" in failed.stderr
+    assert "(streams already done in this run: workspaces)" in failed.stderr
+    assert len(delivered(slow_receiver)) < N_WORKSPACES + N_USERS
+    again = sync(tmp_path, source, slow_receiver)
+    assert again.exit_code == 0, again.stderr
+    assert_all_once(slow_receiver, extra=2 * 4)
+
+
+@pytest.mark.postgres
+def test_a_statement_timeout_names_the_query_and_the_fix(
+    tmp_path: Path, source: str, receiver: RunningReceiver
+) -> None:
+    """A page query past the database's statement_timeout: exit 1 saying it timed out
+    while reading rows, with statement_timeout and an index as the fix; not a lost
+    connection, not the mapping's fault."""
+    with _admin(ADMIN_URL) as admin:
+        admin.execute(sa.text(f'ALTER DATABASE "{_db(source)}" SET statement_timeout = 100'))
+    copy_mappings(tmp_path / "mappings", dialect="postgresql")
+    users = tmp_path / "mappings" / "users.yml"
+    users.write_text(
+        users.read_text().replace(
+            "  role: role\n", '  role: {sql: "role || left(pg_sleep(0.02)::text, 0)"}\n'
+        )
+    )
+    result = run_cli(["sync"], cli_env(tmp_path, source, receiver.url))
+    print(f"exit {result.exit_code}; stderr: {result.stderr.strip().splitlines()[-1:]}")
+    assert result.exit_code == 1
+    assert (
+        "users.yml: stream users: the source query timed out while reading a page ordered by "
+        "(updated_at, id): canceling statement due to statement timeout"
+    ) in result.stderr
+    assert "statement_timeout" in result.stderr
+    assert "index" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_session_lost_after_the_last_page_with_batches_in_flight(

@@ -79,19 +79,21 @@ def is_bad_query(error: BaseException) -> bool:
 
 
 def _classify_driver(orig: BaseException | None, *, wrapper: sa.exc.DBAPIError | None) -> Kind:
-    sqlstate = getattr(orig, "sqlstate", None)
-    if isinstance(sqlstate, str):
-        if sqlstate.startswith("08") or sqlstate in _PG_TRANSIENT:
-            return "transient"
-        if sqlstate in _PG_TIMEOUT and "timeout" in str(orig).lower():
-            return "timeout"
-        return "database"
+    # MariaDB/MySQL errors carry their numeric code first (and a SQLSTATE too, in
+    # recent PyMySQL: the code is the finer of the two); PostgreSQL's a SQLSTATE.
     args = getattr(orig, "args", ())
     code = args[0] if args and isinstance(args[0], int) else None
     if code is not None:
         if code in _MYSQL_TRANSIENT:
             return "transient"
         if code in _MYSQL_TIMEOUT:
+            return "timeout"
+        return "database"
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        if sqlstate.startswith("08") or sqlstate in _PG_TRANSIENT:
+            return "transient"
+        if sqlstate in _PG_TIMEOUT and "timeout" in str(orig).lower():
             return "timeout"
         return "database"
     # No SQLSTATE and no code: psycopg's own connection failures ("connection

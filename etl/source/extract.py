@@ -276,7 +276,7 @@ def read_pages(
             shard=shard,
             upper=upper,
         )
-        rows = _fetch_page(execute(conn, mapping, query))
+        rows = _fetch_page(execute(conn, mapping, query, doing=_reading(mapping, order)))
         if rows:
             yield rows
         if len(rows) < limit:
@@ -287,7 +287,12 @@ def read_pages(
     query = build_query(
         mapping, src, order=order, lower=lower, limit=None, null_keys=True, shard=shard, upper=upper
     )
-    result = execute(conn, mapping, query.execution_options(yield_per=page_size))
+    result = execute(
+        conn,
+        mapping,
+        query.execution_options(yield_per=page_size),
+        doing="reading rows whose key is NULL",
+    )
     try:
         for partition in result.partitions():
             yield [tuple(row) for row in partition]
@@ -403,7 +408,7 @@ def read_keys(
         query = query.where(columns[0].in_([k[0] for k in keys]))
     else:
         query = query.where(sa.tuple_(*columns).in_([tuple(k) for k in keys]))
-    return _fetch_page(execute(conn, mapping, query))
+    return _fetch_page(execute(conn, mapping, query, doing="re-reading records by key"))
 
 
 def related_mapping(mapping: Mapping, related: Related) -> Mapping:
@@ -442,7 +447,12 @@ def read_related_keys(
     )
     if related.source.where:
         query = query.where(raw_sql(f"({related.source.where}\n)"))
-    result = execute(conn, mapping, query.execution_options(yield_per=page_size))
+    result = execute(
+        conn,
+        mapping,
+        query.execution_options(yield_per=page_size),
+        doing=f"reading keys of the related table {related.source.table or 'query'}",
+    )
     try:
         for partition in result.partitions():
             yield [tuple(row) for row in partition]
@@ -457,6 +467,12 @@ def _fetch_page(result: sa.CursorResult[Any]) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in result.cursor.fetchall()] if result.returns_rows else []
     finally:
         result.close()
+
+
+def _reading(mapping: Mapping, order: Order) -> str:
+    """Which read a page is, for messages: `reading a page ordered by (updated_at, id)`."""
+    position = list(mapping.key) if order == "key" else [mapping.cursor or "", *mapping.key]
+    return f"reading a page ordered by ({', '.join(position)})"
 
 
 def execute(
@@ -533,7 +549,7 @@ def count_null_cursors(conn: Connection, mapping: Mapping, src: sa.FromClause) -
     query = sa.select(sa.func.count()).select_from(src).where(src.c[mapping.cursor].is_(None))
     if mapping.source.where:
         query = query.where(raw_sql(f"({mapping.source.where}\n)"))
-    return int(execute(conn, mapping, query).scalar_one())
+    return int(execute(conn, mapping, query, doing="counting rows with a NULL cursor").scalar_one())
 
 
 def estimate_rows(conn: Connection, mapping: Mapping, src: sa.FromClause) -> int | None:
@@ -548,7 +564,7 @@ def estimate_rows(conn: Connection, mapping: Mapping, src: sa.FromClause) -> int
     query = sa.select(sa.func.count()).select_from(src)
     if mapping.source.where:
         query = query.where(raw_sql(f"({mapping.source.where}\n)"))
-    return int(execute(conn, mapping, query).scalar_one())
+    return int(execute(conn, mapping, query, doing="counting rows").scalar_one())
 
 
 def _quoted(conn: Connection, mapping: Mapping) -> str:

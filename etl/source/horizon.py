@@ -41,7 +41,7 @@ def cursor_kind(conn: Connection, mapping: Mapping, src: sa.FromClause) -> str |
     column = src.c[mapping.cursor]
     # the first query of a stream: a missing table or column is named here
     query = sa.select(column).where(column.is_not(None)).limit(1)
-    sample = execute(conn, mapping, query).scalar()
+    sample = execute(conn, mapping, query, doing="sampling the cursor").scalar()
     if sample is None:
         return None
     return "integer" if isinstance(sample, int) and not isinstance(sample, bool) else "datetime"
@@ -65,7 +65,9 @@ def safe_horizon(
         return Horizon(value=None)
     if kind == "integer":
         column = src.c[mapping.cursor]  # type: ignore[index]
-        top = execute(conn, mapping, sa.select(sa.func.max(column))).scalar_one()
+        top = execute(
+            conn, mapping, sa.select(sa.func.max(column)), doing="taking the safe horizon"
+        ).scalar_one()
         if not isinstance(top, int) or isinstance(top, bool):
             # SQLite keeps any type in any column: integers and text in one cursor
             raise SourceError(
