@@ -238,7 +238,6 @@ TRANSIENT = [
     pytest.param(httpx.Response(503), id="503"),
     pytest.param(httpx.Response(429), id="429"),
     pytest.param(httpx.Response(408), id="408"),
-    pytest.param(httpx.ConnectError("connection refused"), id="connect-error"),
     pytest.param(httpx.ConnectTimeout("connect timed out"), id="connect-timeout"),
     pytest.param(httpx.ReadTimeout("read timed out"), id="read-timeout"),
     pytest.param(httpx.WriteTimeout("write timed out"), id="write-timeout"),
@@ -265,6 +264,37 @@ def test_a_transient_failure_is_retried_then_delivered(
     retry = next(entry for entry in logs if entry["event"] == "batch.retry")
     assert retry["attempt"] == 1
     assert retry.get("status") or retry.get("error")
+
+
+def test_a_refused_connection_before_any_answer_fails_at_once() -> None:
+    """A connection refused before the endpoint ever answered is a wrong endpoint, not a
+    transient failure: FatalApiError naming the host and HYPERENGAGE_ENDPOINT, no retry."""
+    handler, seen = scripted(httpx.ConnectError("[Errno 111] Connection refused"))
+
+    with capture_logs() as logs, pytest.raises(FatalApiError) as info:
+        run_deliver(handler, events(3), batch_size=10)
+
+    assert len(seen) == 1
+    assert str(info.value).startswith("cannot reach ")
+    assert "— check HYPERENGAGE_ENDPOINT" in str(info.value)
+    assert not [entry for entry in logs if entry["event"] == "batch.retry"]
+
+
+def test_a_refused_connection_after_an_answer_is_retried() -> None:
+    """Once the endpoint has answered, a refused connection (a restart) is retried."""
+    handler, _ = scripted(httpx.ConnectError("[Errno 111] Connection refused"))
+    calls: list[int] = []
+
+    def answered_first(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) == 1:
+            return httpx.Response(200, json={"status": "ok"})
+        return handler(request)
+
+    run = run_deliver(answered_first, events(2), batch_size=1, concurrency=1)
+
+    assert [refs(result) for result in run.results] == [[0], [1]]
+    assert run.stats.retries == 1
 
 
 def test_retry_after_in_seconds_is_a_minimum_delay() -> None:
@@ -728,17 +758,16 @@ def test_deliver_refuses_a_plain_http_endpoint_before_sending() -> None:
 
 
 def test_a_connect_error_quoting_the_url_does_not_leak_the_token() -> None:
-    """Retries exhausted on connect errors whose text holds the full URL never show the token."""
+    """A connect error whose text holds the full URL never shows the token."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError(f"cannot connect to {request.url}", request=request)
 
-    with capture_logs() as logs, pytest.raises(RetriableApiError) as info:
+    with capture_logs() as logs, pytest.raises(FatalApiError) as info:
         run_deliver(handler, events(1), max_attempts=3)
 
     assert "ConnectError: cannot connect to" in str(info.value)
     assert "token=***" in str(info.value)
-    assert [entry["error"] for entry in logs] == ["ConnectError", "ConnectError"]
     assert info.value.__cause__ is None
     assert info.value.__context__ is None
     assert_no_token(info.value, logs)
@@ -764,7 +793,7 @@ def test_a_url_encoded_token_is_redacted_too() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError(f"cannot connect to {request.url}", request=request)
 
-    with pytest.raises(RetriableApiError) as info:
+    with pytest.raises(FatalApiError) as info:
         run_deliver(handler, events(1), token=Secret(token), max_attempts=1)
 
     assert "tok%2B3f9c%2F2a7b%3De1d0" not in str(info.value)
@@ -851,8 +880,9 @@ def test_real_http_survives_a_dropped_connection_and_a_503() -> None:
     assert all(s.body.startswith(b"[{") for s in seen)
 
 
-def test_real_http_connection_refused_gives_up_without_leaking_the_token() -> None:
-    """A port nobody listens on ends in RetriableApiError naming ConnectError, token hidden."""
+def test_real_http_connection_refused_says_cannot_reach_at_once() -> None:
+    """A port nobody listens on ends at the first attempt in "cannot reach 127.0.0.1 —
+    check HYPERENGAGE_ENDPOINT", without a pause and without leaking the token."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -862,7 +892,7 @@ def test_real_http_connection_refused_gives_up_without_leaking_the_token() -> No
     with (
         capture_logs() as logs,
         make_client(config) as client,
-        pytest.raises(RetriableApiError, match="ConnectError") as info,
+        pytest.raises(FatalApiError, match="ConnectError") as info,
     ):
         deliver(
             events(1),
@@ -873,7 +903,8 @@ def test_real_http_connection_refused_gives_up_without_leaking_the_token() -> No
             clock=fake.clock,
         )
 
-    assert "2 attempt" in str(info.value)
+    assert str(info.value).startswith("cannot reach 127.0.0.1 — check HYPERENGAGE_ENDPOINT")
+    assert fake.sleeps == []
     assert_no_token(info.value, logs)
 
 

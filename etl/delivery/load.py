@@ -11,6 +11,7 @@ exceptions (whose text may hold the URL) are never chained into the errors raise
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import ipaddress
 import random
@@ -274,6 +275,7 @@ class _Failure:
     error: str | None = None  # the exception's class name
     retriable: bool = True
     retry_after: float | None = None
+    unreachable: bool = False  # no connection at all, and none was ever made
 
     def log_fields(self) -> dict[str, object]:
         if self.status is not None:
@@ -337,6 +339,10 @@ class _Sender:
         self._secrets = (token, str(httpx.QueryParams({"t": token}))[2:])
         self._url = self._foreign(_display_url(config.endpoint))
         self._stopped = threading.Event()  # this delivery failed: give up
+        # Once the endpoint answered, a refused connection is a restart worth waiting
+        # for; before, it is almost always a wrong HYPERENGAGE_ENDPOINT: say so at once.
+        self._reached = threading.Event()
+        self._host = httpx.URL(config.endpoint).host
         self._signalled = stop  # the run was asked to stop: start nothing new
 
     def stop(self) -> None:
@@ -392,6 +398,11 @@ class _Sender:
             answer = self._attempt(body)
             if isinstance(answer, httpx.Response):
                 return answer
+            if answer.unreachable:
+                raise FatalApiError(
+                    f"cannot reach {self._host} — check HYPERENGAGE_ENDPOINT "
+                    f"(POST {self._url}: {answer.label})"
+                )
             if not answer.retriable:
                 raise FatalApiError(
                     f"POST {self._url} failed: {answer.label} — not a transient failure;"
@@ -418,6 +429,11 @@ class _Sender:
         params = {"token": self._config.token.reveal()}
         try:
             response = self._client.post(self._config.endpoint, params=params, content=body)
+        except httpx.ConnectError as exc:  # refused, or no such host
+            failure = self._failure(exc, retriable=True)
+            if self._reached.is_set():
+                return failure
+            return dataclasses.replace(failure, retriable=False, unreachable=True)
         except RETRIABLE_ERRORS as exc:
             return self._failure(exc, retriable=True)
         except Exception as exc:
@@ -425,6 +441,7 @@ class _Sender:
             # a bug in a dependency) may quote the URL too: never let it escape as is,
             # or its traceback prints the token.
             return self._failure(exc, retriable=False)
+        self._reached.set()
         status = response.status_code
         if status in RETRIABLE_STATUSES:
             wait_at_least = _retry_after(response.headers.get("retry-after"))
