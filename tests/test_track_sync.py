@@ -269,13 +269,17 @@ def test_a_stopped_backfill_resumes_only_with_the_same_since(
     stop = threading.Event()
     pages: list[int] = []
 
+    totals: set[int | None] = set()
+
     def progress(stream: str, done: int, total: int | None) -> None:
         pages.append(done)
+        totals.add(total)
         if len(pages) == 3:
             stop.set()
 
     with pytest.raises(StoppedError):
         api.backfill(**kwargs, since="10d", stop=stop, progress=progress)
+    assert totals == {240}  # the progress total is the backfill's range, not the table
     sent_before = len(rig.events())
     assert 0 < sent_before < 240
     with pytest.raises(UsageError, match=r"--since 10d is waiting to resume.*--restart"):

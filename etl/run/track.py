@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 import orjson
+import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
@@ -583,7 +584,7 @@ def run_track_stream(
             io=io,
             name=name,
             clock=clock,
-            total=extract.estimate_rows(conn, mapping, src) if io.progress else None,
+            total=_count(conn, mapping, src, plan) if io.progress else None,
         )
         null_cursor = extract.count_null_cursors(conn, mapping, src) if options.dry_run else None
         if not backfill:
@@ -714,6 +715,19 @@ def _pages(
             shard=options.shard,
         )
     )
+
+
+def _count(conn: Connection, mapping: Mapping, src: Any, plan: TrackPlan) -> int:
+    """How many rows the plan reads (the total of a backfill's progress)."""
+    cursor = src.c[mapping.cursor]
+    query = sa.select(sa.func.count()).select_from(src).where(cursor.is_not(None))
+    if mapping.source.where:
+        query = query.where(extract.raw_sql(f"({mapping.source.where}\n)"))
+    if plan.lower is not None:
+        query = query.where(cursor >= as_bound(conn, mapping, plan.lower))
+    if plan.upper is not None:
+        query = query.where(cursor < as_bound(conn, mapping, plan.upper))
+    return int(extract.execute(conn, mapping, query).scalar_one())
 
 
 def _advance(
