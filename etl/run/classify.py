@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from etl.model import Change, Record
+from etl.model import Change, Record, key_part
 from etl.run.diff import row_fingerprint, verdict
 from etl.run.plan import StreamPlan
 from etl.run.ports import StatePort
@@ -196,7 +196,10 @@ def classify(
             return
         # the query read only this shard's rows; a re-read by key may not have
         owned = rows if shard is None else [r for r in rows if shard.owns_values(r[:n_keys])]
-        keyed = [(record_key(row[:n_keys]), row) for row in owned]
+        if n_keys == 1:  # record_key of one column, without a slice and a call a row
+            keyed = [(key_part(row[0]), row) for row in owned]
+        else:
+            keyed = [(record_key(row[:n_keys]), row) for row in owned]
         if retrying:
             keyed = retries.first_sightings(keyed)
         if related is not None and related_keys:

@@ -488,7 +488,10 @@ class StateStore:
             result.close()
         if with_payload:
             return {r[0]: LastSent(r[1], r[4].encode(), r[2], r[3]) for r in rows}
-        return {r[0]: LastSent(r[1], None, r[2], r[3]) for r in rows}
+        # (hash, None, source_hash, event_id) is a LastSent as it is: _make builds it
+        # in C, without the Python frame of LastSent(...) (this runs for every row read)
+        make = LastSent._make
+        return {r[0]: make((r[1], None, r[2], r[3])) for r in rows}
 
     def sent_keys(self, stream: str) -> Iterator[str]:
         """Every key ever acknowledged for a stream (for `diff --full`'s "gone")."""
