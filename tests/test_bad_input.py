@@ -107,7 +107,7 @@ Related tables, full reads, gone records (SPEC §9): exit 2, nothing read or sen
   90  a full_every that is no duration   full_every: 'weekly' is not a duration — write 12h, 1d…
   91  a name of two empty strings        required trait 'name' is only whitespace (' ') (SQLite
                                            rows, with 21-32)
-  92  a related table or column missing validate --check-source: related.0.key: no column 'owner'
+  92  a related table or column missing validate/sync/diff exit 2: related.0.key: no column 'owner'
 """
 
 from __future__ import annotations
@@ -734,7 +734,8 @@ def test_a_related_table_or_column_that_does_not_exist_is_named_by_check_source(
     scene: Scene,
 ) -> None:
     """92. A `related:` entry naming a missing table or column: `validate
-    --check-source` exits 2 with `file: related.N.key: no column … — fix`."""
+    --check-source`, `sync` and `diff` exit 2 with `file: related.N.key: no column …
+    — fix` before any stream is read; nothing sent, no run recorded."""
     write_mapping(
         scene,
         "users.yml",
@@ -742,11 +743,17 @@ def test_a_related_table_or_column_that_does_not_exist_is_named_by_check_source(
         + "related:\n  - {table: workspaces, key: owner, cursor: updated_at}\n"
         + "  - {table: memberships, key: user_id, cursor: updated_at}\n",
     )
-    result = scene.run("validate", "--check-source")
-    assert result.exit_code == 2, result.stderr
-    assert "users.yml: related.0.key: no column 'owner' in workspaces (columns: " in (result.stderr)
-    assert "users.yml: related.1.table: no table 'memberships' — check the name" in result.stderr
+    for command in (["validate", "--check-source"], ["sync"], ["diff"]):
+        result = scene.run(*command)
+        assert result.exit_code == 2, result.stderr
+        assert "users.yml: related.0.key: no column 'owner' in workspaces (columns: " in (
+            result.stderr
+        )
+        assert "users.yml: related.1.table: no table 'memberships' — check the name" in (
+            result.stderr
+        )
     assert scene.receiver.requests() == []
+    assert state_of(scene.env["ETL_STATE_URL"])["runs"] == []
 
 
 def test_a_column_dropped_since_the_last_run_exits_2_naming_it_state_untouched(
