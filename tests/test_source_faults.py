@@ -379,3 +379,18 @@ def test_a_table_dropped_mid_run_exits_1_naming_the_streams_done(
         result.stderr
     )
     assert "(streams already done in this run: workspaces)" in result.stderr
+
+
+@pytest.mark.postgres
+def test_validate_check_source_with_the_session_lost_says_so(tmp_path: Path, source: str) -> None:
+    """`validate --check-source` whose session is killed: exit 1 saying the connection was
+    lost while checking, no traceback."""
+    name = _db(source)
+    copy_mappings(tmp_path / "mappings", dialect="postgresql")
+    env = cli_env(tmp_path, source, "http://127.0.0.1:9/api/v1/s2s/event")
+    with Terminator(lambda sql, db: db == name and "pg_catalog" in sql) as kill:
+        result = run_cli(["validate", "--check-source"], env)
+    assert kill.fired == 1
+    assert result.exit_code == 1
+    assert "the source connection was lost while checking it against the source" in (result.stderr)
+    assert "Traceback" not in result.stderr

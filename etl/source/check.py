@@ -15,7 +15,7 @@ from sqlalchemy.engine import Connection
 from etl.errors import MappingError, QueryError, SourceError
 from etl.model import Mapping, Related, Source
 from etl.redact import first_line
-from etl.source.errors import classify, driver_line, translated
+from etl.source.errors import driver_line, is_bad_query, translated
 from etl.source.extract import (
     Order,
     build_query,
@@ -36,7 +36,12 @@ def check_source(engine: sa.Engine, mappings: Sequence[Mapping]) -> list[str]:
     problems: list[str] = []
     notes: list[str] = []
     for mapping in mappings:
-        with engine.connect() as conn, read_only(conn):
+        where = f"{mapping.path}: stream {mapping.stream}"
+        with (
+            translated(where=where, doing="checking it against the source"),
+            engine.connect() as conn,
+            read_only(conn),
+        ):
             found = check_one(conn, mapping)
             problems.extend(found)
             if not found and mapping.cursor:
@@ -83,7 +88,7 @@ def _prepare_reads(conn: Connection, mapping: Mapping) -> list[str]:
             with conn.begin_nested():
                 conn.execute(query).close()
         except sa.exc.DBAPIError as exc:
-            if classify(exc) != "database":
+            if not is_bad_query(exc):
                 raise
             return [
                 f"{mapping.path}: source: the stream's query fails in the database: "
@@ -99,6 +104,8 @@ def check_one(conn: Connection, mapping: Mapping) -> list[str]:
         with conn.begin_nested():
             available = _available_columns(conn, mapping.source)
     except sa.exc.DBAPIError as exc:
+        if not is_bad_query(exc):
+            raise  # a lost connection or a timeout is not the mapping's fault
         what = "query" if mapping.source.query else "table"
         return [
             f"{where}.{what}: cannot be read: {first_line(exc.orig)} — check the "
@@ -159,6 +166,8 @@ def _check_related(conn: Connection, mapping: Mapping, index: int, related: Rela
         with conn.begin_nested():
             available = _available_columns(conn, related.source)
     except sa.exc.DBAPIError as exc:
+        if not is_bad_query(exc):
+            raise  # a lost connection or a timeout is not the mapping's fault
         return [f"{at}.{what}: cannot be read: {first_line(exc.orig)} — check the {what}"]
     if available is None:
         schema = f" in schema {related.source.schema}" if related.source.schema else ""
@@ -205,6 +214,8 @@ def _try(
         with conn.begin_nested():
             conn.execute(query).close()
     except sa.exc.DBAPIError as exc:
+        if not is_bad_query(exc):
+            raise  # a lost connection or a timeout is not the mapping's fault
         return [
             f"{mapping.path}: {key}: {expression!r} fails in the database: "
             f"{first_line(exc.orig)} — fix the SQL (it runs as written, inside the FROM)"

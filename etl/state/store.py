@@ -309,7 +309,13 @@ class StateStore:
         if self._engine.dialect.name == "sqlite":
             self._lock.acquire_file(self._engine.url.database, holder, shard)
         else:
-            self._lock.acquire_advisory(self._engine, holder, shard, begin=self._begin)
+            try:
+                self._lock.acquire_advisory(self._engine, holder, shard, begin=self._begin)
+            except sa.exc.DBAPIError as exc:
+                raise StateError(
+                    f"state store {safe_url(self.url)}: cannot take the run lock: "
+                    f"{first_line(exc.orig)} — check the server and --state / ETL_STATE_URL"
+                ) from None
         self._close_abandoned_runs(shard)
 
     def release(self) -> None:
