@@ -8,6 +8,8 @@ one place (SPEC §3).
 
 from __future__ import annotations
 
+import contextvars
+
 # Longer than STYLE's split point on purpose: it must stay the only click module.
 import dataclasses
 import functools
@@ -75,13 +77,26 @@ def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
     return apply
 
 
-_log_format = click.option(
-    "--log-format",
-    envvar="ETL_LOG_FORMAT",
-    type=click.Choice(["console", "json"]),
-    default=JOB.log_format,
-    help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
+# Every command's logging options (the name predates --quiet).
+_log_format = _options(
+    click.option(
+        "--log-format",
+        envvar="ETL_LOG_FORMAT",
+        type=click.Choice(["console", "json"]),
+        default=JOB.log_format,
+        help="Log lines: console on a TTY, json otherwise. [env ETL_LOG_FORMAT]",
+    ),
+    click.option(
+        "--quiet",
+        "-q",
+        envvar="ETL_QUIET",
+        is_flag=True,
+        help="Only the final summary (stdout) and errors (stderr): no log lines, no "
+        "progress, e.g. for a cron mail. [env ETL_QUIET]",
+    ),
 )
+# --quiet of the running command, for the helpers that print progress
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("quiet", default=False)
 
 _state = click.option(
     "--state",
@@ -248,7 +263,12 @@ def _handled(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        logs.configure(kwargs.pop("log_format", None))
+        quiet = bool(kwargs.pop("quiet", False))
+        _QUIET.set(quiet)
+        chosen = logs.configure(kwargs.pop("log_format", None), quiet=quiet)
+        # An error is printed once, as `error: ...`; JSON logs also get it as a record
+        # for log pipelines, console logs do not (the same line twice on one screen).
+        as_record = chosen == "json"
         try:
             return func(*args, **kwargs)
         except EtlError as exc:
@@ -256,14 +276,16 @@ def _handled(func: F) -> F:
             # Our own words: their foreign parts were masked where they were put in
             # (etl.redact); masking the whole would rewrite words that equal a secret.
             message = str(exc)
-            log.error("run.failed", error=type(exc).__name__, exit_code=code, message=message)
+            if as_record:
+                log.error("run.failed", error=type(exc).__name__, exit_code=code, message=message)
             click.echo(f"error: {message}", err=True)
             sys.exit(code)
         except Exception as exc:
             # A bug, or a library error we did not foresee: still exit 1, and
             # still never print the token (tracebacks carry URLs and values).
             trace = redact.foreign(traceback.format_exc())
-            log.error("run.crashed", error=type(exc).__name__, exit_code=EXIT_FAILED)
+            if as_record:
+                log.error("run.crashed", error=type(exc).__name__, exit_code=EXIT_FAILED)
             click.echo(
                 f"error: unexpected {type(exc).__name__} — please report it:\n{trace}", err=True
             )
@@ -620,7 +642,25 @@ def receiver(
 
     token = api.delivery_token(None, token_file)
     plan = load_fault_plan(faults) if faults else None
-    rx.serve(store=store, tokens={token.reveal()}, faults=plan, host=host, port=port)
+
+    def started(url: str) -> None:
+        # stdout, apart from the logs: the line to paste where etl runs
+        click.echo(f"etl receiver: listening; events are stored in {store}")
+        click.echo("Point etl at it (in the shell that runs etl sync, with the same token):")
+        click.echo(f"  export HYPERENGAGE_ENDPOINT={url}")
+        click.echo(
+            "Any HYPERENGAGE_API_KEY and HYPERENGAGE_WORKSPACE_KEY are accepted locally. "
+            "Ctrl-C stops it."
+        )
+
+    rx.serve(
+        store=store,
+        tokens={token.reveal()},
+        faults=plan,
+        host=host,
+        port=port,
+        on_start=started,
+    )
 
 
 @main.command()
@@ -740,8 +780,9 @@ def _library_args(function: Callable[..., Any], kw: dict[str, Any]) -> dict[str,
 
 @contextmanager
 def _progress() -> Iterator[Callable[[str, int, int | None], None]]:
-    """A progress bar per stream on a TTY; a log line every 5 s otherwise."""
-    if not sys.stderr.isatty():
+    """A progress bar per stream on a TTY; a log line every 5 s otherwise (which --quiet
+    filters out with the other log lines)."""
+    if not sys.stderr.isatty() or _QUIET.get():
         yield _ProgressLog()
         return
     bars = _ProgressBars()

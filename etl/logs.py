@@ -50,8 +50,16 @@ def redact_secrets(
     return event_dict
 
 
-def configure(fmt: LogFormat | None = None, *, stream: TextIO | None = None) -> LogFormat:
-    """Configure structlog once; returns the format chosen (console on a TTY)."""
+def _drop(_logger: Any, _method: str, _event_dict: MutableMapping[str, Any]) -> Any:
+    """structlog processor of `--quiet`: no log line at all."""
+    raise structlog.DropEvent
+
+
+def configure(
+    fmt: LogFormat | None = None, *, stream: TextIO | None = None, quiet: bool = False
+) -> LogFormat:
+    """Configure structlog once; returns the format chosen (console on a TTY).
+    `quiet` drops every log line (`--quiet`: the CLI prints the summary and errors)."""
     out = stream or sys.stderr
     chosen: LogFormat = fmt or ("console" if out.isatty() else "json")
     renderer: Any = (
@@ -61,6 +69,7 @@ def configure(fmt: LogFormat | None = None, *, stream: TextIO | None = None) -> 
     )
     structlog.configure(
         processors=[
+            *([_drop] if quiet else []),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

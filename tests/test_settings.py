@@ -41,6 +41,7 @@ SETTINGS_DEFAULTS: dict[str, Any] = {
 CLI_ONLY = {
     *("metrics_file", "notify_url", "log_format", "dry_run", "fmt", "output", "redact"),
     "show_all",  # diff --all: how much of the report to print, not what to read
+    "quiet",
 }
 
 

@@ -22,7 +22,7 @@ import socket
 import socketserver
 import sys
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -375,8 +375,10 @@ def serve(
     host: str,
     port: int,
     allow_remote: bool = False,
+    on_start: Callable[[str], None] | None = None,
 ) -> None:
-    """Serve until Ctrl-C or SIGTERM, then shut down cleanly (`etl receiver`)."""
+    """Serve until Ctrl-C or SIGTERM, then shut down cleanly (`etl receiver`);
+    `on_start` is called with the endpoint URL once it listens."""
     receiving = start_receiver(
         store=store, tokens=tokens, faults=faults, host=host, port=port, allow_remote=allow_remote
     )
@@ -384,5 +386,7 @@ def serve(
         log.info(
             "receiver.started", host=host, port=running.port, store=str(store), url=running.url
         )
+        if on_start is not None:
+            on_start(running.url)
         running.wait()
     log.info("receiver.stopped", store=str(store))

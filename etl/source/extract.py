@@ -28,6 +28,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from etl.dburl import with_driver
 from etl.model import SHARD_SEPARATOR, Mapping, Related, Shard, key_part, shard_bucket
 from etl.settings import READ
 from etl.source.errors import SOURCE_ERRORS, classify, driver_line, query_error
@@ -43,9 +44,10 @@ def create_source_engine(url: str) -> sa.Engine:
     """An engine on the source database, with its driver tuned for reading.
 
     PostgreSQL: json/jsonb columns are parsed with orjson (psycopg's default is
-    the json module, several times slower on every row).
+    the json module, several times slower on every row). `postgres://` and
+    `mysql://` URLs reach the installed drivers (etl.dburl).
     """
-    engine = sa.create_engine(url, pool_pre_ping=True)
+    engine = sa.create_engine(with_driver(url), pool_pre_ping=True)
     if engine.dialect.name == "postgresql":
         sa.event.listen(engine, "connect", _fast_json)
     return engine

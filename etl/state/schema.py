@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
+from etl.dburl import with_driver
 from etl.errors import StateError
 
 log = structlog.get_logger("etl")
@@ -149,6 +150,7 @@ SCHEMA_KEY = LOCK_KEY + 1
 def open_engine(url: str, *, readonly: bool) -> Engine | None:
     """An engine on the state database at `url`, its tables checked, created or
     migrated; None for a read-only open of a store that does not exist yet."""
+    url = with_driver(url)  # postgres:// -> postgresql+psycopg:// (etl.dburl)
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = parsed.database
