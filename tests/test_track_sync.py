@@ -372,3 +372,32 @@ def test_refused_track_events_are_bisected_kept_and_retried_once_accepted(
     assert event["event_id"] == expected_id("7")
     assert len({e["event_id"] for e in refused}) == len(refused) == 39
     rig.engine.dispose()
+
+
+def test_an_invalid_row_fixed_below_the_floor_is_still_sent(
+    tmp_path: Path, sqlite_url: str, receiver: Any
+) -> None:
+    """An invalid track row is remembered and re-read by key: fixed after the floor
+    passed it (its cursor must not move), it is sent by the next sync, once."""
+    rig = Rig(sqlite_url, tmp_path, receiver, cursor="id", lookback="0")
+    rig.add([now()])
+    assert rig.cli("sync").exit_code == 0
+    (broken,) = rig.add([now()])
+    with rig.engine.begin() as conn:
+        conn.execute(invoices.update().where(invoices.c.id == broken).values(paid_by=""))
+    first = rig.cli("sync")
+    assert first.exit_code == 3
+    assert done_line(first)["invalid"] == 1
+    rig.add([now()] * 3)
+    again = rig.cli("sync")  # the floor passes the broken row; it is re-read by key
+    assert done_line(again)["invalid"] == 1
+    assert done_line(again)["sent"] == 3
+    with rig.engine.begin() as conn:
+        conn.execute(invoices.update().where(invoices.c.id == broken).values(paid_by="u-9"))
+    fixed = rig.cli("sync")
+    assert fixed.exit_code == 0, fixed.stderr
+    assert done_line(fixed)["sent"] == 1
+    assert done_line(rig.cli("sync"))["sent"] == 0
+    events = [e for e in rig.events() if e["user_id"] == "u-9"]
+    assert [e["event_id"] for e in events] == [expected_id(str(broken))]
+    rig.engine.dispose()

@@ -258,9 +258,10 @@ def main() -> int:
         print(
             "\nchanged 2 users and 1 workspace, 2 invoices paid; the dry run shows exactly those:"
         )
-        if etl("diff", env=env) != 0:
+        # 3: the two broken users stay invalid; they are re-checked on every run
+        if etl("diff", env=env) not in {0, 3}:
             return 1
-        if etl("sync", env=env) != 0:
+        if etl("sync", env=env) not in {0, 3}:
             return 1
         events = read_events(WORKDIR / "received.db")
         print(f"\nreceiver holds {len(events)} events: the second sync sent {len(events) - first}")

@@ -311,6 +311,7 @@ class TrackFlow:
                 sent = track_store(self.io).ledger(
                     self.mapping.stream, [k for k, _ in keyed], with_payload=with_payload
                 )
+                invalid: list[Rejected] = []
                 for key, row in keyed:
                     record = self.transform(row)
                     if check_duplicates and self._duplicate(key):
@@ -321,9 +322,23 @@ class TrackFlow:
                             "once in this run — make `key` unique (only the first row was used)",
                         )
                     verdict, old = self._verdict(record, sent.get(key))
+                    if verdict == "invalid" and None not in row[:n_keys]:
+                        invalid.append(
+                            Rejected(key, list(row[:n_keys]), "", record.reason or "", "invalid")
+                        )
                     yield verdict, record, old, list(row[:n_keys])
                 self.tally.read += len(keyed)
-            if self.options.mode == "backfill" and rows:
+                if invalid and not self.options.dry_run:
+                    # SPEC §4: remembered and re-read by key by every run, so a row fixed
+                    # without moving its cursor (it must not move) is still sent
+                    self._write(
+                        track_store(self.io).commit_track_batch,
+                        self.mapping.stream,
+                        self.name,
+                        [],
+                        invalid,
+                    )
+            if self.options.mode == "backfill" and rows and None not in rows[-1][:n_keys]:
                 last = rows[-1]
                 position = [_cursor_text(last[n_keys], self.tz), *last[:n_keys]]
                 self.checkpoints.append((self.seq, position))
