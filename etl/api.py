@@ -14,10 +14,12 @@ orchestrator has its own.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -29,11 +31,11 @@ from etl.errors import MappingError, SourceError, UsageError
 from etl.mapping.fields import parse_lookback
 from etl.mapping.parse import load_mappings
 from etl.mapping.schema import SCHEMA_FILE, mapping_schema_text
-from etl.model import DeliveryConfig, DiffReport, Mapping, RunReport, Secret, Shard
+from etl.model import DiffReport, Mapping, RunReport, Secret, Shard
 from etl.run import sample
 from etl.run.options import Collaborators, Progress, RunOptions
 from etl.run.pipeline import run
-from etl.settings import DELIVERY, JOB, MIN_BATCH_BYTES, READ
+from etl.settings import DELIVERY, JOB, MIN_BATCH_BYTES, READ, DeliverySettings, EventIdentity
 from etl.source import check, extract, introspect, scaffold
 from etl.source import drivers as sourcedb
 from etl.source.resume import Reconnect
@@ -69,7 +71,7 @@ def sync(
 ) -> RunReport:
     """Incremental sync of every stream (accounts first); `full` re-reads all rows."""
     mappings = load_mappings(Path(mappings_dir), streams=streams)
-    delivery = delivery_config(
+    sending = _sending(
         endpoint=endpoint,
         token=token,
         token_file=token_file,
@@ -93,7 +95,7 @@ def sync(
         options,
         source_url=source_url,
         state_url=state_url,
-        delivery=delivery,
+        sending=sending,
         stop=stop,
     )
 
@@ -127,7 +129,7 @@ def backfill(
     """Full historical load, resumable from the last acknowledged page; track
     streams send their history once (`since`: 90d, 12h or a date; `force`: again)."""
     mappings = load_mappings(Path(mappings_dir), streams=streams)
-    delivery = delivery_config(
+    sending = _sending(
         endpoint=endpoint,
         token=token,
         token_file=token_file,
@@ -154,7 +156,7 @@ def backfill(
         options,
         source_url=source_url,
         state_url=state_url,
-        delivery=delivery,
+        sending=sending,
         stop=stop,
         progress=progress,
     )
@@ -178,12 +180,8 @@ def diff(
 ) -> tuple[RunReport, DiffReport]:
     """Dry run: what `sync` would send, record by record. Sends and writes nothing."""
     mappings = load_mappings(Path(mappings_dir), streams=streams)
-    delivery = DeliveryConfig(
-        endpoint="",
-        token=Secret(""),
-        api_key=_env(api_key, "HYPERENGAGE_API_KEY") or "",
-        workspace_key=_env(workspace_key, "HYPERENGAGE_WORKSPACE_KEY") or "",
-    )
+    # Sends nothing: no endpoint, no token; the keys only go into the event ids shown.
+    identity = event_identity(api_key=api_key, workspace_key=workspace_key, required=False)
     options = RunOptions(
         mode="full" if full else "incremental",
         dry_run=True,
@@ -195,7 +193,7 @@ def diff(
     )
     with _source(source_url) as source, _state(state_url, readonly=True) as state:
         check.prepare(source, mappings)
-        io = Collaborators(source=source, state=state, delivery=delivery)
+        io = Collaborators(source=source, state=state, identity=identity)
         report, diff_report = run(mappings, command="diff", options=options, io=io)
     if diff_report is None:  # pragma: no cover - run() returns one for dry runs
         raise RuntimeError("dry run returned no diff")
@@ -283,7 +281,7 @@ def _send(
     *,
     source_url: str,
     state_url: str,
-    delivery: DeliveryConfig,
+    sending: _Sending,
     stop: threading.Event | None,
     progress: Progress | None = None,
 ) -> RunReport:
@@ -291,18 +289,19 @@ def _send(
     with (
         _source(source_url) as source,
         _state(state_url, readonly=False) as state,
-        load.make_client(delivery) as client,
+        load.make_client(sending.settings, sending.token) as client,
     ):
         check.prepare(source, mappings)  # a configuration error: exit 2, nothing sent
         state.acquire(command, shard=options.shard)
         io = Collaborators(
             source=source,
             state=state,
-            delivery=delivery,
+            identity=sending.identity,
+            delivery=sending.settings,
             client=client,
             progress=progress,
             stop=stop or threading.Event(),
-            pace=load.RateLimiter(delivery.max_rps) if delivery.max_rps else None,
+            pace=load.RateLimiter(sending.settings.max_rps) if sending.settings.max_rps else None,
         )
         report, _ = run(mappings, command=command, options=options, io=io)
     return report
@@ -348,22 +347,73 @@ def parse_shard(shard: str | Shard | None) -> Shard | None:
         raise UsageError(f"--shard {exc}") from None
 
 
-def delivery_config(
+@dataclass(frozen=True)
+class _Sending:
+    """What a sending run needs beyond reading: checked before anything is read."""
+
+    settings: DeliverySettings
+    token: Secret
+    identity: EventIdentity
+
+
+def _sending(
     *,
     endpoint: str | None,
     token: str | Secret | None,
     token_file: str | Path | None,
     api_key: str | None,
     workspace_key: str | None,
+    batch_size: int,
+    batch_bytes: int,
+    concurrency: int,
+    max_rps: float | None,
+) -> _Sending:
+    """The token, the HTTP settings and the event identity, each checked (exit 2 if not)."""
+    return _Sending(
+        token=delivery_token(token, token_file),
+        settings=delivery_settings(
+            endpoint=endpoint,
+            batch_size=batch_size,
+            batch_bytes=batch_bytes,
+            concurrency=concurrency,
+            max_rps=max_rps,
+        ),
+        identity=event_identity(api_key=api_key, workspace_key=workspace_key, required=True),
+    )
+
+
+def delivery_settings(
+    *,
+    endpoint: str | None = None,
     batch_size: int = DELIVERY.batch_size,
     batch_bytes: int = DELIVERY.batch_bytes,
     concurrency: int = DELIVERY.concurrency,
     max_rps: float | None = DELIVERY.max_rps,
-) -> DeliveryConfig:
-    """Everything needed to send, checked before anything is read (exit 2 if not)."""
-    secret = delivery_token(token, token_file)
+) -> DeliverySettings:
+    """How to send (the endpoint from HYPERENGAGE_ENDPOINT when not given), checked:
+    an endpoint the token must not go to, or sizes out of range, are a UsageError."""
     endpoint = _env(endpoint, "HYPERENGAGE_ENDPOINT") or DELIVERY.endpoint
     load.check_endpoint(endpoint)
+    if batch_size < 1 or batch_bytes < MIN_BATCH_BYTES or concurrency < 1:
+        raise UsageError(
+            "--batch-size and --concurrency must be at least 1, "
+            f"--batch-bytes at least {MIN_BATCH_BYTES}"
+        )
+    return dataclasses.replace(
+        DELIVERY,
+        endpoint=endpoint,
+        batch_size=batch_size,
+        batch_bytes=batch_bytes,
+        concurrency=concurrency,
+        max_rps=max_rps,
+    )
+
+
+def event_identity(
+    *, api_key: str | None = None, workspace_key: str | None = None, required: bool
+) -> EventIdentity:
+    """The keys every event carries, given or from HYPERENGAGE_API_KEY and
+    HYPERENGAGE_WORKSPACE_KEY; `required` (to send): a UsageError names the missing."""
     api_key = _env(api_key, "HYPERENGAGE_API_KEY")
     workspace_key = _env(workspace_key, "HYPERENGAGE_WORKSPACE_KEY")
     missing = [
@@ -374,25 +424,11 @@ def delivery_config(
         )
         if not value
     ]
-    if missing:
+    if required and missing:
         raise UsageError(
             f"{' and '.join(missing)} not set — export them (Hyperengage → Settings → API keys)"
         )
-    if batch_size < 1 or batch_bytes < MIN_BATCH_BYTES or concurrency < 1:
-        raise UsageError(
-            "--batch-size and --concurrency must be at least 1, "
-            f"--batch-bytes at least {MIN_BATCH_BYTES}"
-        )
-    return DeliveryConfig(
-        endpoint=endpoint,
-        token=secret,
-        api_key=api_key or "",
-        workspace_key=workspace_key or "",
-        batch_size=batch_size,
-        batch_bytes=batch_bytes,
-        concurrency=concurrency,
-        max_rps=max_rps,
-    )
+    return EventIdentity(api_key=api_key or "", workspace_key=workspace_key or "")
 
 
 def delivery_token(token: str | Secret | None, token_file: str | Path | None) -> Secret:
@@ -480,8 +516,9 @@ def _state(url: str, *, readonly: bool) -> Iterator[StateStore]:
 
 __all__ = [
     "backfill",
-    "delivery_config",
+    "delivery_settings",
     "diff",
+    "event_identity",
     "init",
     "sync",
     "validate",

@@ -15,7 +15,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 import orjson
 
-from etl.settings import DELIVERY, READ
+from etl.settings import READ
 
 EventType = Literal["user_identify", "account_identify"]
 # SPEC §10: identify streams (the default) send traits; track streams send one
@@ -347,24 +347,6 @@ class DeliveryStats:
     batches: int = 0
     requests: int = 0
     retries: int = 0
-
-
-@dataclass(frozen=True)
-class DeliveryConfig:
-    """How to talk to the Hyperengage events API (SPEC §6)."""
-
-    endpoint: str
-    token: Secret
-    api_key: str = ""
-    workspace_key: str = ""
-    batch_size: int = DELIVERY.batch_size
-    batch_bytes: int = DELIVERY.batch_bytes
-    concurrency: int = DELIVERY.concurrency
-    max_rps: float | None = DELIVERY.max_rps
-    timeout_seconds: float = DELIVERY.timeout_seconds
-    connect_timeout_seconds: float = DELIVERY.connect_timeout_seconds
-    max_attempts: int = DELIVERY.max_attempts
-    max_retry_seconds: float = DELIVERY.max_retry_seconds
 
 
 @dataclass(frozen=True)

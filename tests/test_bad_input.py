@@ -244,15 +244,15 @@ def log_events(stderr: str) -> list[dict[str, Any]]:
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """A retry budget of 3 attempts, 0.5 s read timeouts and tiny backoffs (the
     defaults, 8 attempts and 30 s timeouts, are for production)."""
-    original = etl.api.delivery_config
+    original = etl.api.delivery_settings
 
-    def delivery_config(**kwargs: Any) -> Any:
-        config = original(**kwargs)
+    def delivery_settings(**kwargs: Any) -> Any:
+        settings = original(**kwargs)
         return dataclasses.replace(
-            config, max_attempts=3, timeout_seconds=0.5, max_retry_seconds=10.0
+            settings, max_attempts=3, timeout_seconds=0.5, max_retry_seconds=10.0
         )
 
-    monkeypatch.setattr(etl.api, "delivery_config", delivery_config)
+    monkeypatch.setattr(etl.api, "delivery_settings", delivery_settings)
     monkeypatch.setattr(etl.delivery.load, "BACKOFF_BASE", 0.01)
 
 

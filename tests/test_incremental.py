@@ -22,9 +22,10 @@ from support import TOKEN, run_cli
 
 from etl import api
 from etl.mapping.parse import load_mappings
-from etl.model import DeliveryConfig, RunReport, Secret
+from etl.model import RunReport, Secret
 from etl.run.options import Collaborators, RunOptions
 from etl.run.pipeline import run
+from etl.settings import DeliverySettings, EventIdentity
 from etl.source import extract
 from etl.source.horizon import fall_back, safe_horizon, sqlite_text
 from etl.state.schema import streams_table
@@ -310,15 +311,19 @@ def _pipeline(rig: Rig, *, progress: Any = None, page_size: int = 7) -> RunRepor
     mappings = load_mappings(rig.tmp / "mappings")
     store = StateStore(rig.state_url)
     source = sa.create_engine(rig.url)
-    config = DeliveryConfig(
-        endpoint=rig.receiver.url, token=Secret(TOKEN), api_key="k", workspace_key="w"
-    )
+    settings = DeliverySettings(endpoint=rig.receiver.url)
+    identity = EventIdentity(api_key="k", workspace_key="w")
     from etl.delivery.load import make_client
 
     try:
-        with make_client(config) as client:
+        with make_client(settings, Secret(TOKEN)) as client:
             io = Collaborators(
-                source=source, state=store, delivery=config, client=client, progress=progress
+                source=source,
+                state=store,
+                identity=identity,
+                delivery=settings,
+                client=client,
+                progress=progress,
             )
             report, _ = run(
                 mappings, command="sync", options=RunOptions(page_size=page_size), io=io

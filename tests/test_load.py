@@ -30,7 +30,8 @@ from structlog.testing import capture_logs
 import etl
 from etl.delivery.load import batches, check_endpoint, deliver, make_client
 from etl.errors import FatalApiError, RetriableApiError, UsageError
-from etl.model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing, Secret
+from etl.model import BatchResult, DeliveryStats, Outgoing, Secret
+from etl.settings import DeliverySettings
 
 TOKEN = "tok-3f9c2a7be1d04c55"  # a fake token; every test that can leak it greps for it
 ENDPOINT = "http://127.0.0.1:9/api/v1/s2s/event"  # MockTransport answers; nothing is dialled
@@ -57,8 +58,8 @@ def refs(result: BatchResult) -> list[int]:
     return [item.ref for item in result.acked]
 
 
-def make_config(**overrides: Any) -> DeliveryConfig:
-    base = DeliveryConfig(endpoint=ENDPOINT, token=Secret(TOKEN), concurrency=1)
+def make_config(**overrides: Any) -> DeliverySettings:
+    base = DeliverySettings(endpoint=ENDPOINT, concurrency=1)
     return dataclasses.replace(base, **overrides)
 
 
@@ -100,15 +101,16 @@ def run_deliver(
     run: Run | None = None,
     seed: int = 1,
     on_result: Callable[[BatchResult], None] | None = None,
+    token: str = TOKEN,
     **overrides: Any,
 ) -> Run:
     """deliver() `outgoing` to `handler` through MockTransport, with fake time."""
     run = run or Run()
     config = make_config(**overrides)
-    with make_client(config, transport=httpx.MockTransport(handler)) as client:
+    with make_client(config, Secret(token), transport=httpx.MockTransport(handler)) as client:
         run.stats = deliver(
             outgoing,
-            config=config,
+            settings=config,
             on_result=on_result or run.results.append,
             client=client,
             sleep=run.time.sleep,
@@ -224,7 +226,7 @@ def test_deliver_of_nothing_sends_nothing() -> None:
 
 def test_make_client_has_explicit_timeouts_no_redirects_and_a_user_agent() -> None:
     """The client times out explicitly, never follows redirects and names itself."""
-    with make_client(make_config(timeout_seconds=12.5, concurrency=3)) as client:
+    with make_client(make_config(timeout_seconds=12.5, concurrency=3), Secret(TOKEN)) as client:
         assert client.timeout == httpx.Timeout(12.5, connect=10.0)
         assert client.follow_redirects is False
         assert client.headers["user-agent"] == f"etl/{etl.__version__}"
@@ -661,10 +663,10 @@ def test_a_fatal_answer_stops_other_workers_before_their_next_attempt() -> None:
 
     config = make_config(batch_size=1, concurrency=2, max_attempts=5)
     with (
-        make_client(config, transport=httpx.MockTransport(handler)) as client,
+        make_client(config, Secret(TOKEN), transport=httpx.MockTransport(handler)) as client,
         pytest.raises(FatalApiError, match="HTTP 401"),
     ):
-        deliver(events(2), config=config, on_result=never_called, client=client, sleep=slow_sleep)
+        deliver(events(2), settings=config, on_result=never_called, client=client, sleep=slow_sleep)
 
     assert attempts.count(1) == 1
     assert attempts.count(0) <= 2
@@ -794,7 +796,7 @@ def test_a_url_encoded_token_is_redacted_too() -> None:
         raise httpx.ConnectError(f"cannot connect to {request.url}", request=request)
 
     with pytest.raises(FatalApiError) as info:
-        run_deliver(handler, events(1), token=Secret(token), max_attempts=1)
+        run_deliver(handler, events(1), token=token, max_attempts=1)
 
     assert "tok%2B3f9c%2F2a7b%3De1d0" not in str(info.value)
     assert token not in str(info.value)
@@ -860,10 +862,10 @@ def test_real_http_survives_a_dropped_connection_and_a_503() -> None:
         config = make_config(endpoint=url, batch_size=2)
         results: list[BatchResult] = []
         fake = FakeTime()
-        with make_client(config) as client:
+        with make_client(config, Secret(TOKEN)) as client:
             stats = deliver(
                 events(5),
-                config=config,
+                settings=config,
                 on_result=results.append,
                 client=client,
                 sleep=fake.sleep,
@@ -891,12 +893,12 @@ def test_real_http_connection_refused_says_cannot_reach_at_once() -> None:
 
     with (
         capture_logs() as logs,
-        make_client(config) as client,
+        make_client(config, Secret(TOKEN)) as client,
         pytest.raises(FatalApiError, match="ConnectError") as info,
     ):
         deliver(
             events(1),
-            config=config,
+            settings=config,
             on_result=never_called,
             client=client,
             sleep=fake.sleep,

@@ -15,8 +15,9 @@ from support import cli_env, copy_mappings, run_cli, seed
 from etl import logs, redact
 from etl.delivery.load import deliver, make_client
 from etl.errors import FatalApiError, SourceError
-from etl.model import DeliveryConfig, Outgoing, Secret
+from etl.model import Outgoing, Secret
 from etl.monitor.outcome import safe_message
+from etl.settings import DeliverySettings
 
 ENDPOINT = "http://127.0.0.1:9/api/v1/s2s/event"  # MockTransport answers; nothing is dialled
 
@@ -110,11 +111,14 @@ def test_mask_value_masks_text_and_keeps_numbers(value: Any, masked: Any) -> Non
 
 
 def _deliver_once(token: str, answer: httpx.Response) -> FatalApiError:
-    config = DeliveryConfig(endpoint=ENDPOINT, token=Secret(token), concurrency=1)
+    settings = DeliverySettings(endpoint=ENDPOINT, concurrency=1)
     transport = httpx.MockTransport(lambda request: answer)
     event = Outgoing(key="k", event_id="e", body=b"{}", ref=None)
-    with make_client(config, transport=transport) as client, pytest.raises(FatalApiError) as info:
-        deliver([event], config=config, on_result=lambda result: None, client=client)
+    with (
+        make_client(settings, Secret(token), transport=transport) as client,
+        pytest.raises(FatalApiError) as info,
+    ):
+        deliver([event], settings=settings, on_result=lambda result: None, client=client)
     return info.value
 
 

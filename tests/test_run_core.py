@@ -21,7 +21,7 @@ from memory_state import T0, MemoryState
 
 from etl.errors import StateError
 from etl.mapping.parse import parse_mapping
-from etl.model import BatchResult, DeliveryConfig, Mapping, Outgoing, Record, Secret, Shard
+from etl.model import BatchResult, Mapping, Outgoing, Record, Shard
 from etl.run.classify import (
     Classified,
     ClassifiedPage,
@@ -38,6 +38,7 @@ from etl.run.pipeline import run_stream
 from etl.run.plan import StreamPlan, plan_stream
 from etl.run.ports import StatePort
 from etl.run.send import events
+from etl.settings import DeliverySettings, EventIdentity
 from etl.state.store import PendingReject, Sent, StateStore, StreamState
 
 WORKSPACES = """
@@ -498,16 +499,14 @@ def collaborators(source: sa.Engine, state: MemoryState, refuse: set[str]) -> Co
             return httpx.Response(400, json={"message": "bad event", "error": ""})
         return httpx.Response(200, json={"status": "ok"})
 
-    config = DeliveryConfig(
-        endpoint="http://127.0.0.1:9/e",
-        token=Secret("t"),
-        api_key="ak",
-        workspace_key="ws",
-        batch_size=5,
-    )
     client = httpx.Client(transport=httpx.MockTransport(answer))
     return Collaborators(
-        source=source, state=state, delivery=config, client=client, sleep=lambda _: None
+        source=source,
+        state=state,
+        identity=EventIdentity(api_key="ak", workspace_key="ws"),
+        delivery=DeliverySettings(endpoint="http://127.0.0.1:9/e", batch_size=5),
+        client=client,
+        sleep=lambda _: None,
     )
 
 

@@ -13,11 +13,12 @@ import click
 import pytest
 
 import etl
-from etl import settings
+from etl.api import delivery_settings, event_identity
 from etl.cli import main
-from etl.model import DeliveryConfig, Mapping
+from etl.errors import UsageError
+from etl.model import Mapping
 from etl.run.options import RunOptions
-from etl.settings import DELIVERY, JOB, READ, duration_text
+from etl.settings import DELIVERY, JOB, READ, DeliverySettings, EventIdentity, duration_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -128,7 +129,7 @@ def test_every_cli_option_reaches_the_library(name: str) -> None:
             assert param.name in takes, f"etl {name} --{param.name}: not a keyword of etl.{name}"
 
 
-def test_stage_defaults_are_the_settings() -> None:
+def test_stage_defaults_are_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """The dataclasses the stages share default to the settings objects' values."""
     options = RunOptions()
     assert options.page_size == READ.page_size
@@ -137,9 +138,9 @@ def test_stage_defaults_are_the_settings() -> None:
     assert options.reconnect.seconds == READ.reconnect_time.total_seconds()
     lookback = {f.name: f.default for f in dataclasses.fields(Mapping)}["lookback_seconds"]
     assert lookback == READ.lookback_seconds
-    config = DeliveryConfig(endpoint=DELIVERY.endpoint, token=etl.model.Secret("t"))
-    for field in dataclasses.fields(settings.DeliverySettings):
-        assert getattr(config, field.name) == getattr(DELIVERY, field.name), field.name
+    monkeypatch.delenv("HYPERENGAGE_ENDPOINT", raising=False)
+    sending = delivery_settings()
+    assert sending == DELIVERY
 
 
 def test_settings_are_frozen() -> None:
@@ -155,3 +156,14 @@ def test_settings_are_frozen() -> None:
 def test_duration_text_uses_the_largest_whole_unit(seconds: float, text: str) -> None:
     """Durations read as the options are written: 1h, 10m, 90s."""
     assert duration_text(dt.timedelta(seconds=seconds)) == text
+
+
+def test_event_identity_is_apart_from_sending(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dry run takes the keys without an endpoint or token; sending requires both keys."""
+    monkeypatch.delenv("HYPERENGAGE_API_KEY", raising=False)
+    monkeypatch.setenv("HYPERENGAGE_WORKSPACE_KEY", "ws-1")
+    identity = event_identity(required=False)
+    assert identity == EventIdentity(api_key="", workspace_key="ws-1")
+    with pytest.raises(UsageError, match="HYPERENGAGE_API_KEY not set"):
+        event_identity(required=True)
+    assert "token" not in {f.name for f in dataclasses.fields(DeliverySettings)}

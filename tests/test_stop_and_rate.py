@@ -19,11 +19,12 @@ from support import TOKEN, cli_env, copy_mappings, run_cli, seed
 
 from etl.delivery.load import RateLimiter, deliver, make_client
 from etl.mapping.parse import load_mappings
-from etl.model import BatchResult, DeliveryConfig, Outgoing, Secret
+from etl.model import BatchResult, Outgoing, Secret
 from etl.receiver.faults import FaultPlan
 from etl.receiver.server import RunningReceiver, start_receiver
 from etl.run.options import Collaborators, RunOptions
 from etl.run.pipeline import run
+from etl.settings import DeliverySettings, EventIdentity
 from etl.state.store import StateStore
 
 ENDPOINT = "http://127.0.0.1:9/api/v1/s2s/event"  # MockTransport answers; nothing is dialled
@@ -36,9 +37,9 @@ def outgoing(count: int) -> list[Outgoing]:
     ]
 
 
-def config(**overrides: object) -> DeliveryConfig:
-    base = {"endpoint": ENDPOINT, "token": Secret(TOKEN), "batch_size": 1, "concurrency": 1}
-    return DeliveryConfig(**{**base, **overrides})  # type: ignore[arg-type]
+def config(**overrides: object) -> DeliverySettings:
+    base = {"endpoint": ENDPOINT, "batch_size": 1, "concurrency": 1}
+    return DeliverySettings(**{**base, **overrides})  # type: ignore[arg-type]
 
 
 def test_stop_during_a_request_starts_no_further_request() -> None:
@@ -54,9 +55,9 @@ def test_stop_during_a_request_starts_no_further_request() -> None:
         return httpx.Response(200, json=OK)
 
     settings = config()
-    with make_client(settings, transport=httpx.MockTransport(handler)) as client:
+    with make_client(settings, Secret(TOKEN), transport=httpx.MockTransport(handler)) as client:
         stats = deliver(
-            outgoing(10), config=settings, on_result=results.append, client=client, stop=stop
+            outgoing(10), settings=settings, on_result=results.append, client=client, stop=stop
         )
     assert seen == [b'[{"n":0}]']
     assert [[o.ref for o in r.acked] for r in results] == [[0]]
@@ -75,10 +76,10 @@ def test_stop_during_a_backoff_makes_no_further_attempt() -> None:
         return httpx.Response(503)
 
     settings = config(max_attempts=5)
-    with make_client(settings, transport=httpx.MockTransport(handler)) as client:
+    with make_client(settings, Secret(TOKEN), transport=httpx.MockTransport(handler)) as client:
         stats = deliver(
             outgoing(3),
-            config=settings,
+            settings=settings,
             on_result=lambda r: pytest.fail(f"reported {r}"),
             client=client,
             stop=stop,
@@ -115,11 +116,11 @@ def test_one_rate_limiter_spaces_requests_across_deliveries() -> None:
 
     limiter = RateLimiter(4.0, clock=time_.clock, sleep=time_.sleep)
     settings = config(max_rps=4.0)
-    with make_client(settings, transport=httpx.MockTransport(handler)) as client:
+    with make_client(settings, Secret(TOKEN), transport=httpx.MockTransport(handler)) as client:
         for _ in range(2):
             deliver(
                 outgoing(3),
-                config=settings,
+                settings=settings,
                 on_result=lambda _r: None,
                 client=client,
                 sleep=time_.sleep,
@@ -136,11 +137,8 @@ def test_max_rps_is_counted_over_the_whole_run(tmp_path: Path, receiver: Running
     seed(source_url, n_workspaces=3, n_users=10)
     copy_mappings(tmp_path / "mappings")
     time_ = FakeTime()
-    settings = DeliveryConfig(
+    settings = DeliverySettings(
         endpoint=receiver.url,
-        token=Secret(TOKEN),
-        api_key="k",
-        workspace_key="w",
         batch_size=2,
         concurrency=1,
         max_rps=2.0,
@@ -148,10 +146,11 @@ def test_max_rps_is_counted_over_the_whole_run(tmp_path: Path, receiver: Running
     source = sa.create_engine(source_url)
     state = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
     try:
-        with make_client(settings) as client:
+        with make_client(settings, Secret(TOKEN)) as client:
             io = Collaborators(
                 source=source,
                 state=state,
+                identity=EventIdentity(api_key="k", workspace_key="w"),
                 delivery=settings,
                 client=client,
                 pace=RateLimiter(2.0, clock=time_.clock, sleep=time_.sleep),

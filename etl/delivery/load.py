@@ -30,8 +30,8 @@ import structlog
 
 from etl import __version__, redact
 from etl.errors import FatalApiError, RetriableApiError, UsageError
-from etl.model import BatchResult, DeliveryConfig, DeliveryStats, Outgoing, Ref
-from etl.settings import DELIVERY
+from etl.model import BatchResult, DeliveryStats, Outgoing, Ref, Secret
+from etl.settings import DELIVERY, DeliverySettings
 
 log = structlog.get_logger(__name__)
 
@@ -75,13 +75,16 @@ def check_endpoint(url: str) -> None:
 
 
 def make_client(
-    config: DeliveryConfig, *, transport: httpx.BaseTransport | None = None
+    settings: DeliverySettings, token: Secret, *, transport: httpx.BaseTransport | None = None
 ) -> httpx.Client:
     """The one HTTP client of a run: explicit timeouts, no redirects, a connection
-    pool as wide as `concurrency`. `transport` lets tests answer in-process."""
-    width = max(1, config.concurrency)
+    pool as wide as `concurrency`, and the token as the query parameter every
+    request carries (the API's only way to take it), as httpx clients carry
+    their auth. `transport` lets tests answer in-process."""
+    width = max(1, settings.concurrency)
     return httpx.Client(
-        timeout=httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds),
+        params={"token": token.reveal()},
+        timeout=httpx.Timeout(settings.timeout_seconds, connect=settings.connect_timeout_seconds),
         # A 301/302 turns a POST into a GET: a redirect is an error, never a detour.
         follow_redirects=False,
         headers={"content-type": "application/json", "user-agent": f"etl/{__version__}"},
@@ -89,7 +92,7 @@ def make_client(
         transport=transport,
         # Plain http is only ever allowed to loopback (check_endpoint): no TLS to
         # verify there, so skip loading the CA bundle (~0.1 s a run).
-        verify=not config.endpoint.startswith("http://"),
+        verify=not settings.endpoint.startswith("http://"),
     )
 
 
@@ -124,7 +127,7 @@ def batches(
 def deliver(
     outgoing: Iterable[Outgoing[Ref]],
     *,
-    config: DeliveryConfig,
+    settings: DeliverySettings,
     on_result: Callable[[BatchResult[Ref]], Future[Any] | None],
     client: httpx.Client,
     sleep: Callable[[float], None] = time.sleep,
@@ -133,7 +136,8 @@ def deliver(
     limiter: RateLimiter | None = None,
     stop: threading.Event | None = None,
 ) -> DeliveryStats:
-    """Send every event, `config.concurrency` batches at a time, and give each
+    """Send every event through `client` (made by `make_client`, which holds the
+    token), `settings.concurrency` batches at a time, and give each
     batch's outcome to `on_result` in the caller's thread, in submission order.
 
     `on_result` may hand back a Future for work it finishes elsewhere (the
@@ -146,19 +150,19 @@ def deliver(
     reported before it stay reported, nothing after it is.
 
     `limiter` spaces request starts (`--max-rps`); the run passes one for all
-    its streams, so the rate holds across them (without one, `config.max_rps`
+    its streams, so the rate holds across them (without one, `settings.max_rps`
     applies to this call). Once `stop` is set (SIGINT/SIGTERM) no request
     starts: not the next batch, not a retry, not a split half. Requests in
     flight finish (within the request timeout) and are reported in order up to
     the first batch that was given up; deliver() then returns what it reported.
     """
-    check_endpoint(config.endpoint)
+    check_endpoint(settings.endpoint)
     stop = stop or threading.Event()
-    if limiter is None and config.max_rps:
-        limiter = RateLimiter(config.max_rps, clock=clock, sleep=sleep)
+    if limiter is None and settings.max_rps:
+        limiter = RateLimiter(settings.max_rps, clock=clock, sleep=sleep)
     sender = _Sender(
         client,
-        config,
+        settings,
         sleep=sleep,
         clock=clock,
         rng=rng or random.Random(),  # noqa: S311 - jitter needs spread, not secrecy
@@ -168,11 +172,11 @@ def deliver(
     totals = _Totals()
     window: deque[Future[_Outcome[Ref]]] = deque()  # submitted, not yet reported, in order
     recording: deque[Future[Any]] = deque()  # reported, still being recorded by the caller
-    width = max(1, config.concurrency)
+    width = max(1, settings.concurrency)
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="etl-load") as pool:
         try:
             for batch in batches(
-                outgoing, max_events=config.batch_size, max_bytes=config.batch_bytes
+                outgoing, max_events=settings.batch_size, max_bytes=settings.batch_bytes
             ):
                 # Back-pressure: the batch just read waits for a free slot, so we
                 # never read further ahead than `width` batches plus this one.
@@ -319,7 +323,7 @@ class _Sender:
     def __init__(
         self,
         client: httpx.Client,
-        config: DeliveryConfig,
+        settings: DeliverySettings,
         *,
         sleep: Callable[[float], None],
         clock: Callable[[], float],
@@ -328,21 +332,22 @@ class _Sender:
         stop: threading.Event,
     ) -> None:
         self._client = client
-        self._config = config
+        self._settings = settings
         self._sleep = sleep
         self._clock = clock
         # random.Random.uniform is one atomic call under the GIL: safe to share.
         self._rng = rng
         self._limiter = limiter
-        token = config.token.reveal()
-        # httpx encodes a query value its own way: one more spelling to mask
-        self._secrets = (token, str(httpx.QueryParams({"t": token}))[2:])
-        self._url = self._foreign(_display_url(config.endpoint))
+        # The token rides in the client's query parameters (make_client); httpx
+        # encodes a query value its own way: one more spelling to mask.
+        token = client.params.get("token", "")
+        self._secrets = (token, str(httpx.QueryParams({"t": token}))[2:]) if token else ()
+        self._url = self._foreign(_display_url(settings.endpoint))
         self._stopped = threading.Event()  # this delivery failed: give up
         # Once the endpoint answered, a refused connection is a restart worth waiting
         # for; before, it is almost always a wrong HYPERENGAGE_ENDPOINT: say so at once.
         self._reached = threading.Event()
-        self._host = httpx.URL(config.endpoint).host
+        self._host = httpx.URL(settings.endpoint).host
         self._signalled = stop  # the run was asked to stop: start nothing new
 
     def stop(self) -> None:
@@ -410,8 +415,8 @@ class _Sender:
                 )
             delay = max(self._jitter(attempt), answer.retry_after or 0.0)
             elapsed = self._clock() - started
-            if attempt >= self._config.max_attempts or (
-                elapsed + delay > self._config.max_retry_seconds
+            if attempt >= self._settings.max_attempts or (
+                elapsed + delay > self._settings.max_retry_seconds
             ):
                 raise RetriableApiError(self._exhausted(attempt, elapsed, answer))
             log.warning(
@@ -426,9 +431,8 @@ class _Sender:
 
     def _attempt(self, body: bytes) -> httpx.Response | _Failure:
         """One POST: a response worth interpreting, or what went wrong."""
-        params = {"token": self._config.token.reveal()}
         try:
-            response = self._client.post(self._config.endpoint, params=params, content=body)
+            response = self._client.post(self._settings.endpoint, content=body)
         except httpx.ConnectError as exc:  # refused, or no such host
             failure = self._failure(exc, retriable=True)
             if self._reached.is_set():

@@ -17,9 +17,9 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from etl.delivery.load import RateLimiter
-from etl.model import DeliveryConfig, Shard
+from etl.model import Shard
 from etl.run.ports import StatePort
-from etl.settings import READ
+from etl.settings import DELIVERY, READ, DeliverySettings, EventIdentity
 from etl.source.resume import Reconnect
 
 Mode = Literal["incremental", "full", "backfill"]
@@ -49,8 +49,9 @@ class Collaborators:
 
     source: Engine
     state: StatePort
-    delivery: DeliveryConfig
-    client: httpx.Client | None = None
+    identity: EventIdentity  # the keys every event carries
+    delivery: DeliverySettings = DELIVERY
+    client: httpx.Client | None = None  # made by load.make_client; None: a dry run
     progress: Progress | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     sleep: Callable[[float], None] = time.sleep

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
@@ -38,6 +38,7 @@ from etl.model import (
     DiffStream,
     Mapping,
     RunReport,
+    RunStatus,
     StreamReport,
     Watermark,
 )
@@ -70,7 +71,7 @@ def run(
     )
     reports: list[StreamReport] = []
     diffs: list[DiffStream] = []
-    status: Literal["ok", "partial", "failed"] = "ok"
+    status: RunStatus = "ok"
     try:
         for mapping in mappings:
             report, diff = run_stream(mapping, options=options, io=io)
@@ -362,8 +363,8 @@ def _plan(
         mapping,
         previous,
         options=options,
-        api_key=io.delivery.api_key,
-        workspace_key=io.delivery.workspace_key,
+        api_key=io.identity.api_key,
+        workspace_key=io.identity.workspace_key,
         now=dt.datetime.now(dt.UTC),
     )
     if plan.mapping_changed:
@@ -458,7 +459,7 @@ def _act(
         pages,
         plan=plan,
         ledger=ledger,
-        config=io.delivery,
+        settings=io.delivery,
         client=io.client,
         stop=io.stop,
         sleep=io.sleep,

@@ -17,12 +17,13 @@ from typing import Any
 import httpx
 
 from etl.delivery import load
-from etl.model import DeliveryConfig, DeliveryStats, Outgoing
+from etl.model import DeliveryStats, Outgoing
 from etl.run.classify import ClassifiedPage
 from etl.run.diff import fingerprint
 from etl.run.ledger import Ledger, Ref
 from etl.run.plan import StreamPlan
 from etl.run.transform import event_body, event_id
+from etl.settings import DeliverySettings
 from etl.state.store import Sent
 
 
@@ -31,7 +32,7 @@ def send(
     *,
     plan: StreamPlan,
     ledger: Ledger,
-    config: DeliveryConfig,
+    settings: DeliverySettings,
     client: httpx.Client,
     stop: threading.Event,
     sleep: Callable[[float], None] = time.sleep,
@@ -42,7 +43,7 @@ def send(
     with ledger.writing():
         return load.deliver(
             events(pages, plan=plan, ledger=ledger, stop=stop),
-            config=config,
+            settings=settings,
             on_result=ledger.on_result,
             client=client,
             sleep=sleep,

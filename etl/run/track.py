@@ -277,8 +277,8 @@ class TrackFlow:
     def __post_init__(self) -> None:
         self.context = EventContext(
             event_type=self.mapping.event_type,
-            api_key=self.io.delivery.api_key,
-            workspace_key=self.io.delivery.workspace_key,
+            api_key=self.io.identity.api_key,
+            workspace_key=self.io.identity.workspace_key,
             track=True,
         )
         self.transform = make_transformer(self.mapping, self.context)
@@ -385,7 +385,7 @@ class TrackFlow:
             try:
                 stats = load.deliver(
                     self._outgoing(pages),
-                    config=self.io.delivery,
+                    settings=self.io.delivery,
                     on_result=self._on_result,
                     client=self.io.client,
                     sleep=self.io.sleep,
