@@ -394,3 +394,57 @@ def test_validate_check_source_with_the_session_lost_says_so(tmp_path: Path, sou
     assert result.exit_code == 1
     assert "the source connection was lost while checking it against the source" in (result.stderr)
     assert "Traceback" not in result.stderr
+
+
+TRACK_MAPPING = """\
+stream: invoices_paid
+kind: track
+event_type: invoice_paid
+source: {table: invoices}
+key: id
+cursor: paid_at
+timestamp: paid_at
+user_id: paid_by
+account_id: workspace_id
+properties:
+  amount: {column: amount_cents, type: integer}
+"""
+
+
+@pytest.mark.postgres
+def test_a_track_backfill_resumes_after_a_lost_session(
+    tmp_path: Path, pg_url: str, slow_receiver: RunningReceiver
+) -> None:
+    """A track stream's backfill killed before its 3rd page: resumed from the last page
+    in a new snapshot, every event sent once."""
+    engine = sa.create_engine(pg_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE invoices (id int PRIMARY KEY, paid_by text, workspace_id text, "
+            "amount_cents int, paid_at timestamptz)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO invoices SELECT g, 'u-' || g, 'w-1', g * 100, "
+            "now() - interval '1 day' + g * interval '1 minute' FROM generate_series(1, 30) g"
+        )
+    engine.dispose()
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "invoices.yml").write_text(TRACK_MAPPING)
+    name = _db(pg_url)
+    pages = Counter[str]()
+
+    def third_page(sql: str, db: str) -> bool:
+        if db != name or "FROM invoices" not in sql or "after0" not in sql:
+            return False
+        pages["invoices"] += 1
+        return pages["invoices"] == 2
+
+    env = cli_env(tmp_path, pg_url, slow_receiver.url)
+    with Terminator(third_page) as kill:
+        result = run_cli(["backfill", "--page-size", "5", "--batch-size", "4"], env)
+    assert kill.fired == 1
+    assert result.exit_code == 0, result.stderr
+    assert "source.resumed" in result.stderr
+    ids = Counter(e["event_id"] for e in slow_receiver.events())
+    assert len(ids) == 30
+    assert set(ids.values()) == {1}

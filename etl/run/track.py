@@ -61,7 +61,7 @@ from etl.run.transform import (
     to_event,
     track_event_id,
 )
-from etl.source import extract
+from etl.source import extract, resume
 from etl.source.horizon import Horizon, as_bound, below_lookback, safe_horizon
 from etl.state.store import LedgerEntry, Rejected, TrackState, ledger_position
 
@@ -709,26 +709,26 @@ def _pages(
     options: RunOptions,
     io: Collaborators,
 ) -> Generator[list[tuple[Any, ...]], None, None]:
-    """Rows to consider: earlier rejects first (re-read by key), then the window."""
-    if flow.retrying:
-        keys = [list(r.key_values) for r in io.state.rejected(mapping.stream)]
-        for start in range(0, len(keys), options.page_size):
-            rows = extract.read_keys(conn, mapping, src, keys[start : start + options.page_size])
-            if rows:
-                yield rows
+    """Rows to consider: earlier rejects first (re-read by key), then the window;
+    read through a lost connection (`resume`: a new snapshot, from the last page)."""
+    keys = [list(r.key_values) for r in io.state.rejected(mapping.stream)] if flow.retrying else []
     after = _checkpoint_position(conn, mapping, plan.after) if plan.after else None
-    yield from extract.prefetch(
-        extract.read_pages(
-            conn,
-            mapping,
-            src,
-            order="cursor",
-            lower=as_bound(conn, mapping, plan.lower) if plan.lower is not None else None,
-            upper=as_bound(conn, mapping, plan.upper) if plan.upper is not None else None,
-            after=after,
-            page_size=options.page_size,
-            shard=options.shard,
-        )
+    yield from resume.read_resuming(
+        mapping,
+        first=(conn, src),
+        reopen=resume.Snapshot(
+            engine=io.source, snapshot=options.mode != "backfill", timezone=mapping.timezone
+        ),
+        order="cursor",
+        lower=as_bound(conn, mapping, plan.lower) if plan.lower is not None else None,
+        upper=as_bound(conn, mapping, plan.upper) if plan.upper is not None else None,
+        after=after,
+        retry_keys=keys,
+        page_size=options.page_size,
+        shard=options.shard,
+        policy=options.reconnect,
+        on_resume=flow.seen.clear,  # duplicate keys are judged within one snapshot
+        sleep=io.sleep,
     )
 
 
