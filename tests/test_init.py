@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from apps import DJANGO, RAILS, AppData, build_django, build_rails
-from support import run_cli
+from apps import DJANGO, RAILS, AppData, add_membership, build_django, build_rails
+from support import cli_env, run_cli
 
 from etl.source.introspect import ColumnInfo, TableInfo, inspect_tables
 from etl.source.scaffold import FILL_IN, draft_mappings
@@ -111,6 +112,29 @@ def test_the_rails_user_reaches_its_account_through_memberships() -> None:
 def _tables(engine: sa.Engine, build: Callable[[sa.Engine], AppData]) -> tuple[TableInfo, ...]:
     build(engine)
     return inspect_tables(engine)
+
+
+def test_a_rails_membership_change_reaches_the_user_through_related(
+    sqlite_url: str, tmp_path: Path, receiver: Any
+) -> None:
+    """Where the account comes from the membership table, init writes a `related:` entry on
+    it: after a sync, a new membership that changes a user's account (and not the user's
+    own updated_at) shows up in `diff` as that user's changed account_id."""
+    engine = sa.create_engine(sqlite_url)
+    build_rails(engine)
+    env = cli_env(tmp_path, sqlite_url, receiver.url)
+    assert run_cli(["init", "--out", env["ETL_MAPPINGS"]], env).exit_code == 0
+    users = (Path(env["ETL_MAPPINGS"]) / "users.yml").read_text()
+    assert "related:  # account_id comes from memberships" in users
+    assert run_cli(["sync"], env).exit_code == 3  # the three users with blank names
+    add_membership(engine, RAILS, user=4, workspace=1, role="member")
+    engine.dispose()
+    diffed = run_cli(["diff", "--format", "json"], env)
+    stream = next(s for s in json.loads(diffed.stdout)["streams"] if s["stream"] == "users")
+    changed = [r for r in stream["records"] if r["kind"] == "changed"]
+    assert [(r["key"], r["changes"]) for r in changed] == [
+        ("4", {"account_id": {"old": "4", "new": "1"}})
+    ]
 
 
 def test_init_never_overwrites_without_force(sqlite_url: str, tmp_path: Path) -> None:

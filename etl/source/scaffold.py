@@ -401,15 +401,45 @@ def _users_draft(
     if link is not None and not link.sql:
         used.add(link.value)
     _other_columns(users, used, out)
+    related = link is not None and link.sql and membership is not None
+    if membership is not None and related:
+        _related(membership, users, out)
     if membership is not None:
-        out.add(
-            f"# A role kept in {membership.name} can be sent too, e.g.",
-        )
-        out.add(
-            f"#   role: {{sql: {json.dumps(_membership_value(membership, users, 'role', sql))}}}"
-        )
-        out.add("# but a change there does not move this table's cursor: see docs/modelling.md.")
+        role = json.dumps(_membership_value(membership, users, "role", sql))
+        out.add(f"# A role kept in {membership.name} can be sent too (under traits:), e.g.")
+        out.add(f"#   role: {{sql: {role}}}")
+        if related:
+            out.add("# and the related: entry above re-sends the user when it changes.")
+        else:
+            out.add(
+                "# but a change there does not move this table's cursor: add a related: "
+                "entry (docs/modelling.md)."
+            )
     return Draft("users.yml", users.name, out.text(), tuple(out.todo))
+
+
+def _related(membership: TableInfo, users: TableInfo, out: _Lines) -> None:
+    """A `related:` entry: a membership change re-sends its user (SPEC §9), since it
+    does not move the users table's own cursor."""
+    member = _refers_to(membership, users) or "user_id"
+    cursor = _has(membership, CURSORS, ("datetime", "date", "integer"))
+    if cursor is None:
+        out.add(
+            f"# {membership.name} has no updated_at-like column: a membership change is only "
+            "seen by a full read (full_every, sync --full)."
+        )
+        return
+    out.add(
+        "related:",
+        f"account_id comes from {membership.name}: its changes re-send the user",
+    )
+    out.add(f"  - table: {_scalar(membership.name)}")
+    out.add(f"    key: {_scalar(member)}", f"the column holding {users.name}.{_key_of(users)}")
+    out.add(f"    cursor: {_scalar(cursor)}")
+
+
+def _key_of(table: TableInfo) -> str:
+    return table.primary_key[0] if table.primary_key else "id"
 
 
 def _membership_value(membership: TableInfo, users: TableInfo, column: str, sql: _Sql) -> str:
