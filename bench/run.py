@@ -34,8 +34,13 @@ drifts between pairs (it is shared). The issue's targets follow, PASS/FAIL
 each, and the whole table is written as JSON to /tmp/etl-bench-latest.json
 (and /tmp/etl-bench-users<N>.json, to compare peak RSS between sizes).
 
+`wide` (no naive pair): etl backfill of a table of wide rows (a 19 KB text, a
+jsonb value of 2 KB, a text array: ~23 KB an event) at BENCH_WIDE_ROWS and at 4x
+that, to show that peak RSS does not grow with the table or the row width.
+
 Knobs (environment): BENCH_USERS (default 1000000), BENCH_PAIRS (default 3),
-BENCH_CASES (comma-separated subset of full,nochange,fullsync,churn; default all),
+BENCH_CASES (comma-separated subset of full,nochange,fullsync,churn,wide; default
+all), BENCH_WIDE_ROWS (default 10000),
 BENCH_TIMEOUT (seconds per run; default max(600, 3 ms per user)), BENCH_ETL_ARGS
 (extra options for every etl sync/backfill, e.g. "--concurrency 4"), BENCH_PG_DSN.
 Exit status: 0 when every run finished, 1 when one failed (its stderr tail is
@@ -67,7 +72,7 @@ TMP = Path(tempfile.gettempdir())  # /tmp
 LATEST = TMP / "etl-bench-latest.json"
 HISTORY = "etl-bench-users{users}.json"  # in TMP: one per table size, to compare RSS
 RSS_LIMIT_MB = 150
-CASES = ("full", "nochange", "fullsync", "churn")
+CASES = ("full", "nochange", "fullsync", "churn", "wide")
 
 
 @dataclass
@@ -146,12 +151,12 @@ class Bench:
     def url(self) -> str:
         return seed.source_url(self.dbname)
 
-    def etl(self, args: Sequence[str]) -> Run:
+    def etl(self, args: Sequence[str], *, mappings: str = "mappings", state: str = "") -> Run:
         def argv(endpoint: str) -> list[str]:
             return [
                 *(sys.executable, "-m", "etl", *args),
-                *("--source", self.url, "--state", f"sqlite:///{self.state}"),
-                *("--mappings", str(self.workdir / "mappings"), "--endpoint", endpoint),
+                *("--source", self.url, "--state", f"sqlite:///{state or self.state}"),
+                *("--mappings", str(self.workdir / mappings), "--endpoint", endpoint),
                 *("--log-format", "json", *self.etl_args),
             ]
 
@@ -275,7 +280,9 @@ def paired(
 # ---------------------------------------------------------------- targets
 
 
-def targets(cases: list[Case], history: dict[str, Any] | None) -> list[dict[str, Any]]:
+def targets(
+    cases: list[Case], history: dict[str, Any] | None, wide: Sequence[tuple[int, Run]] = ()
+) -> list[dict[str, Any]]:
     """The issue's targets: PASS, FAIL, or n/a when a case did not run cleanly."""
     by = {c.name: c for c in cases}
     out: list[dict[str, Any]] = []
@@ -306,6 +313,7 @@ def targets(cases: list[Case], history: dict[str, Any] | None) -> list[dict[str,
     check("no-change sync wall <= naive incremental", "no change", wall_ratio)
     check("sync --full (no change) rows/s >= 3x naive full", "sync --full", rows_ratio(3.0))
     runs = [(c.name, r) for c in cases for r in c.etl if r.ok and r.peak_rss_mb]
+    runs += [(f"wide rows, {n:,}", r) for n, r in wide if r.ok and r.peak_rss_mb]
     if runs:
         name, worst = max(runs, key=lambda x: x[1].peak_rss_mb or 0)
         rss = worst.peak_rss_mb or 0
@@ -430,6 +438,7 @@ def main() -> int:
     seed_steps: dict[str, float] = {}
     cases: list[Case] = []
     churned: list[int] = []
+    wide: list[tuple[int, Run]] = []
     stopped = None
     try:
         seed.create_database(dbname)
@@ -481,6 +490,14 @@ def main() -> int:
                 naive=lambda: bench.naive(["--since-last"]),
                 before=churn,
             )
+        if "wide" in wanted:
+            wide_rows = int(os.environ.get("BENCH_WIDE_ROWS", "10000"))
+            for rows in (wide_rows, 4 * wide_rows):
+                seed.seed_wide(dbname, rows=rows, directory=workdir / "wide")
+                print(f"  wide rows: etl backfill of {rows:,} rows ...", end=" ", flush=True)
+                run = bench.etl(["backfill"], mappings="wide", state=str(workdir / f"w{rows}.db"))
+                wide.append((rows, run))
+                print(_show(run), flush=True)
     except Exception as exc:  # seeding or churn failed: report what we have
         stopped = f"{type(exc).__name__}: {exc}"
         print(f"\nbenchmark stopped: {stopped}")
@@ -493,7 +510,7 @@ def main() -> int:
                 print(f"could not drop {dbname}: {exc} — drop it by hand")
 
     history = other_size(users)
-    verdicts = targets(cases, history)
+    verdicts = targets(cases, history, wide)
     print()
     print(table(cases))
     notes = [
@@ -508,10 +525,15 @@ def main() -> int:
             notes.append(f"  sync --full: sent {[r.sent for r in c.etl]} (expected 0)")
     if notes:
         print("\nnotes:\n" + "\n".join(notes))
+    if wide:
+        print("\nwide rows (~23 KB an event), etl backfill:")
+        for rows, run in wide:
+            print(f"  {rows:>9,} rows: {_show(run)}")
     print("\ntargets (issue 16):")
     for v in verdicts:
         print(f"  {v['verdict']:<4}  {v['target']:<50} {v['detail']}")
     etl_rss = [r.peak_rss_mb for c in cases for r in c.etl if r.ok and r.peak_rss_mb]
+    etl_rss += [r.peak_rss_mb for _, r in wide if r.ok and r.peak_rss_mb]
     report = {
         "started_at": started.isoformat(timespec="seconds"),
         "users": users,
@@ -537,6 +559,7 @@ def main() -> int:
             }
             for c in cases
         ],
+        "wide": [{"rows": rows} | asdict(r) for rows, r in wide],
         "max_etl_rss_mb": max(etl_rss) if etl_rss else None,
         "targets": verdicts,
         "stopped": stopped,

@@ -215,6 +215,54 @@ traits:
 """
 
 
+# Wide rows (SPEC §8: memory stays flat "also with wide rows"): a 19 KB text, a
+# jsonb document with a 2 KB value, a text array; about 23 KB per event.
+_WIDE = """
+CREATE TABLE wide_users AS
+SELECT substr(md5('wide:' || i), 1, 24) AS id,
+       'wide.' || i || '@example.com' AS email,
+       'Wide User ' || i AS name,
+       timestamptz '2020-01-01 00:00:00+00' + i * interval '1 minute' AS created_at,
+       timestamptz '2020-01-01 00:00:00+00' + i * interval '1 minute' AS updated_at,
+       repeat(md5(i::text), 600) AS bio,
+       jsonb_build_object('n', i, 'note', repeat('y', 2000), 'tags', jsonb_build_array('a', 'b'))
+         AS settings,
+       ARRAY['alpha', 'beta', md5(i::text)] AS labels
+FROM generate_series(1, %(rows)s::int) AS i
+"""
+
+WIDE_YML = """\
+# The benchmark's wide rows -> user_identify (written by bench/seed.py).
+stream: wide_users
+event_type: user_identify
+source:
+  table: wide_users
+key: id
+cursor: updated_at
+user_id: id
+account_id: id
+traits:
+  email: email
+  name: name
+  created_at: {column: created_at, type: datetime}
+  bio: bio
+  note: {sql: "settings ->> 'note'"}
+  labels: {column: labels, type: string_array}
+"""
+
+
+def seed_wide(dbname: str, *, rows: int, directory: Path) -> Path:
+    """(Re)create `wide_users` with `rows` rows; write its mapping into `directory`."""
+    with _connect(dbname) as conn:
+        conn.execute("DROP TABLE IF EXISTS wide_users")
+        conn.execute(_WIDE, {"rows": rows})
+        conn.execute("ALTER TABLE wide_users ADD PRIMARY KEY (id)")
+        conn.execute("VACUUM (ANALYZE) wide_users")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "wide_users.yml").write_text(WIDE_YML, encoding="utf-8")
+    return directory
+
+
 def source_url(dbname: str) -> str:
     """The SQLAlchemy URL etl and the naive script read the benchmark database with."""
     params = dict(p.split("=", 1) for p in SERVER_DSN.split())
