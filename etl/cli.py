@@ -48,6 +48,7 @@ from etl.settings import (
     MAX_CONCURRENCY,
     MIN_BATCH_BYTES,
     READ,
+    RECEIVER,
     duration_text,
 )
 from etl.state.store import StateStore, StreamSummary, encode_watermark
@@ -609,11 +610,11 @@ def runs(state_url: str, limit: int, fmt: str) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--host", default=RECEIVER.host, show_default=True, help="Address to listen on.")
+@click.option("--port", default=RECEIVER.port, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
     "--store",
-    default="received.db",
+    default=RECEIVER.store,
     show_default=True,
     type=click.Path(path_type=Path),
     help="SQLite file the received events are stored in.",

@@ -85,6 +85,20 @@ class EventIdentity:
 # (invalid first); `--all`, `--limit`, a pipe or `--output` list more.
 DIFF_TERMINAL_LIMIT: Final = 25
 
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    """Where `etl receiver` (the local stand-in for the API) listens and stores.
+
+    The receiver package keeps its own keyword defaults, as it keeps its own copy
+    of the API's rules; these are the command's.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8001
+    store: Path = Path("received.db")
+
+
 # Limits of the sending options, shared by the CLI's ranges and the API's checks.
 MIN_BATCH_BYTES: Final = 1024
 MAX_BATCH_SIZE: Final = 10_000
@@ -93,6 +107,7 @@ MAX_CONCURRENCY: Final = 32
 JOB: Final = JobSettings()
 READ: Final = ReadSettings()
 DELIVERY: Final = DeliverySettings()
+RECEIVER: Final = ReceiverSettings()
 
 _UNITS: Final = (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1))
 

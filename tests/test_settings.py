@@ -18,7 +18,15 @@ from etl.cli import main
 from etl.errors import UsageError
 from etl.model import Mapping
 from etl.run.options import RunOptions
-from etl.settings import DELIVERY, JOB, READ, DeliverySettings, EventIdentity, duration_text
+from etl.settings import (
+    DELIVERY,
+    JOB,
+    READ,
+    RECEIVER,
+    DeliverySettings,
+    EventIdentity,
+    duration_text,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -37,6 +45,9 @@ SETTINGS_DEFAULTS: dict[str, Any] = {
     "--batch-bytes": DELIVERY.batch_bytes,
     "--concurrency": DELIVERY.concurrency,
     "--max-rps": DELIVERY.max_rps,
+    "--host": RECEIVER.host,
+    "--port": RECEIVER.port,
+    "--store": RECEIVER.store,
 }
 # options only the CLI has: monitoring, logging, and the flags that pick the command
 CLI_ONLY = {
