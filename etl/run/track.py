@@ -49,6 +49,7 @@ from etl.model import (
     StreamReport,
     Watermark,
 )
+from etl.redact import first_line
 from etl.run.coerce import Invalid, as_datetime
 from etl.run.diff import ABSENT, fingerprint
 from etl.run.options import Collaborators, RunOptions
@@ -801,7 +802,7 @@ def _source_from(conn: Connection, mapping: Mapping) -> Any:
         orig = getattr(exc, "orig", exc)
         raise SourceError(
             f"{mapping.path}: stream {mapping.stream}: cannot read the source: "
-            f"{str(orig).strip().splitlines()[0] if str(orig) else type(orig).__name__} — "
+            f"{first_line(orig)} — "
             "check source.table / source.query (etl validate --check-source)"
         ) from None
 
