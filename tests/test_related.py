@@ -8,6 +8,7 @@ stay wrong in Hyperengage without the behaviour it checks.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import shutil
@@ -36,6 +37,7 @@ from support import REPO, cli_env, run_cli
 
 from etl.mapping.parse import load_mappings
 from etl.receiver.server import RunningReceiver
+from etl.run.sample import uncovered_tables
 
 EXAMPLES = REPO / "docs" / "examples"
 
@@ -433,3 +435,13 @@ def test_the_modelling_guide_shows_the_example_files_as_they_are() -> None:
     guide = (REPO / "docs" / "modelling.md").read_text()
     for path in sorted(EXAMPLES.glob("*/*.yml")):
         assert path.read_text().rstrip() in guide, path
+
+
+def test_tables_a_query_reads_that_no_cursor_or_related_entry_covers_are_named() -> None:
+    """The Rails membership query reads `users` and `memberships`; its cursor is the
+    membership's, so `users` is uncovered until the related query covers it."""
+    with_related = load_mappings(EXAMPLES / "rails", streams=["memberships"])[0]
+    without = dataclasses.replace(with_related, related=())
+    assert uncovered_tables(without, dialect="postgresql") == ["users"]
+    assert uncovered_tables(without, dialect="mysql") == ["users"]
+    assert uncovered_tables(with_related, dialect="postgresql") == []

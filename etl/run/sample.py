@@ -94,7 +94,7 @@ def _sample(conn: Connection, mapping: Mapping, n: int) -> StreamSample:
         repeated.update(key for key, count in within.items() if count > 1)
     sample.keys = len(seen)
     sample.duplicates = sorted(repeated)
-    sample.uncovered = uncovered_tables(mapping)
+    sample.uncovered = uncovered_tables(mapping, dialect=conn.dialect.name)
     return sample
 
 
@@ -194,39 +194,51 @@ def _fix(where: str, reason: str) -> str:
 # ---------------------------------------------------------------- tables and cursors
 
 
-def uncovered_tables(mapping: Mapping) -> list[str]:
+# SQLAlchemy's dialect names -> sqlglot's
+_SQLGLOT_DIALECTS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+
+
+def uncovered_tables(mapping: Mapping, *, dialect: str = "") -> list[str]:
     """Tables a `query:` source or a `sql:` trait reads that neither the stream's
-    cursor nor a `related:` entry covers (needs sqlglot; [] when SQL does not parse)."""
+    cursor nor a `related:` entry covers. SQL the parser cannot read is skipped
+    (this is advice, never a reason to refuse a mapping); a related query that
+    does not parse covers everything, so nothing is named wrongly."""
     import sqlglot  # noqa: PLC0415 - only `validate --check-source` needs the parser
     from sqlglot import exp  # noqa: PLC0415
 
+    read_sql = _SQLGLOT_DIALECTS.get(dialect, dialect or None)
+
+    def parse_one(sql: str) -> exp.Expr | None:
+        try:
+            return sqlglot.parse_one(sql, read=read_sql)
+        except sqlglot.errors.SqlglotError:
+            return None
+
     read: set[str] = set()
     covered: set[str] = set()
-    try:
-        if mapping.source.query is not None:
-            tree = sqlglot.parse_one(mapping.source.query)
-            aliases = {t.alias_or_name: t.name for t in tree.find_all(exp.Table)}
-            read |= set(aliases.values())
-            for projection in getattr(tree, "expressions", []):
-                if projection.alias_or_name == mapping.cursor:
-                    covered |= {
-                        aliases.get(c.table, c.table) for c in projection.find_all(exp.Column)
-                    }
-                    if len(aliases) == 1:
-                        covered |= set(aliases.values())
-        elif mapping.source.table is not None:
-            covered.add(mapping.source.table)
-        for trait in mapping.traits:
-            if trait.kind == "sql":
-                expression = sqlglot.parse_one(str(trait.value))
-                read |= {t.name for t in expression.find_all(exp.Table)}
-        for related in mapping.related:
-            if related.source.table is not None:
-                covered.add(related.source.table)
-            elif related.source.query is not None:
-                covered |= {
-                    t.name for t in sqlglot.parse_one(related.source.query).find_all(exp.Table)
-                }
-    except sqlglot.errors.SqlglotError:
-        return []
+    if mapping.source.query is not None:
+        tree = parse_one(mapping.source.query)
+        if tree is None:
+            return []
+        aliases = {t.alias_or_name: t.name for t in tree.find_all(exp.Table)}
+        read |= set(aliases.values())
+        for projection in getattr(tree, "expressions", []):
+            if projection.alias_or_name == mapping.cursor:
+                covered |= {aliases.get(c.table, c.table) for c in projection.find_all(exp.Column)}
+                if len(aliases) == 1:
+                    covered |= set(aliases.values())
+    elif mapping.source.table is not None:
+        covered.add(mapping.source.table)
+    for trait in mapping.traits:
+        expression = parse_one(str(trait.value)) if trait.kind == "sql" else None
+        if expression is not None:
+            read |= {t.name for t in expression.find_all(exp.Table)}
+    for related in mapping.related:
+        if related.source.table is not None:
+            covered.add(related.source.table)
+        elif related.source.query is not None:
+            tree = parse_one(related.source.query)
+            if tree is None:
+                return []
+            covered |= {t.name for t in tree.find_all(exp.Table)}
     return sorted(read - covered - {""})
