@@ -285,11 +285,12 @@ def _send(
     stop: threading.Event | None,
     progress: Progress | None = None,
 ) -> RunReport:
-    """Open the source, the state (locked) and the HTTP client; run; close them all."""
+    """Open the source and the state (locked), ready the HTTP client (made on the
+    first request: nothing to send, no client); run; close them all."""
     with (
         _source(source_url) as source,
         _state(state_url, readonly=False) as state,
-        load.make_client(sending.settings, sending.token) as client,
+        load.LazyClient(sending.settings, sending.token) as client,
     ):
         check.prepare(source, mappings)  # a configuration error: exit 2, nothing sent
         state.acquire(command, shard=options.shard)

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import etl
-from etl.delivery.load import batches, check_endpoint, deliver, make_client
+from etl.delivery.load import LazyClient, batches, check_endpoint, deliver, make_client
 from etl.errors import FatalApiError, RetriableApiError, UsageError
 from etl.model import BatchResult, DeliveryStats, Outgoing, Secret
 from etl.settings import DeliverySettings
@@ -118,6 +118,29 @@ def run_deliver(
             rng=random.Random(seed),
         )
     return run
+
+
+def test_a_lazy_client_is_made_only_when_a_batch_is_sent() -> None:
+    """Nothing to send makes no HTTP client; the first batch makes it, with the
+    token in its query, and leaving the block closes it."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json=OK)
+
+    config = make_config()
+    with LazyClient(config, Secret(TOKEN), transport=httpx.MockTransport(handler)) as lazy:
+        stats = deliver([], settings=config, on_result=never_called, client=lazy)
+        assert (stats.sent, lazy.made) == (0, False)
+        results: list[BatchResult] = []
+        deliver(events(3), settings=config, on_result=results.append, client=lazy)
+        assert lazy.made
+        made = lazy.client()
+    assert [refs(result) for result in results] == [[0, 1, 2]]
+    assert [numbers(request) for request in seen] == [[0, 1, 2]]
+    assert parse_qs(urlsplit(str(seen[0].url)).query)["token"] == [TOKEN]
+    assert (lazy.made, made.is_closed) == (False, True)
 
 
 def scripted(*answers: httpx.Response | Exception) -> tuple[Handler, list[httpx.Request]]:

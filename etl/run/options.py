@@ -13,10 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-import httpx
 from sqlalchemy.engine import Engine
 
-from etl.delivery.load import RateLimiter
+from etl.delivery.load import Client, RateLimiter
 from etl.model import Shard
 from etl.run.ports import StatePort
 from etl.settings import DELIVERY, READ, DeliverySettings, EventIdentity
@@ -51,7 +50,7 @@ class Collaborators:
     state: StatePort
     identity: EventIdentity  # the keys every event carries
     delivery: DeliverySettings = DELIVERY
-    client: httpx.Client | None = None  # made by load.make_client; None: a dry run
+    client: Client | None = None  # a load.LazyClient (or a client); None: a dry run
     progress: Progress | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     sleep: Callable[[float], None] = time.sleep

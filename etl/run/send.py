@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import httpx
-
 from etl.delivery import load
 from etl.model import DeliveryStats, Outgoing
 from etl.run.classify import ClassifiedPage
@@ -33,7 +31,7 @@ def send(
     plan: StreamPlan,
     ledger: Ledger,
     settings: DeliverySettings,
-    client: httpx.Client,
+    client: load.Client,
     stop: threading.Event,
     sleep: Callable[[float], None] = time.sleep,
     limiter: load.RateLimiter | None = None,
