@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -32,15 +33,16 @@ from etl.mapping.fields import parse_lookback
 from etl.mapping.parse import load_mappings
 from etl.mapping.schema import SCHEMA_FILE, mapping_schema_text
 from etl.model import DiffReport, Mapping, RunReport, Secret, Shard
-from etl.run import sample
 from etl.run.options import Collaborators, Progress, RunOptions
 from etl.run.pipeline import run
 from etl.settings import DELIVERY, JOB, MIN_BATCH_BYTES, READ, DeliverySettings, EventIdentity
-from etl.source import check, extract, introspect, scaffold
+from etl.source import check, extract
 from etl.source import drivers as sourcedb
 from etl.source.resume import Reconnect
-from etl.source.scaffold import Draft
 from etl.state.store import StateStore
+
+if TYPE_CHECKING:
+    from etl.source.scaffold import Draft
 
 # A duration as the API takes it: "30s", "10m", "2h", "1d", seconds, or a timedelta.
 Duration = str | float | dt.timedelta
@@ -214,6 +216,8 @@ def validate(
     mappings = load_mappings(Path(mappings_dir), streams=streams)
     if source_url is None:
         return []
+    from etl.run import sample  # noqa: PLC0415 - only validate samples rows: no import cost elsewhere
+
     with _source(source_url) as source:
         notes = check.check_source(source, mappings)
         # SPEC §11: real rows through the transform, before any run
@@ -235,6 +239,8 @@ def init(
     Never overwrites a file unless `force` (UsageError naming the files, before
     anything is written). Returns the drafts written, each with its to-dos.
     """
+    from etl.source import introspect, scaffold  # noqa: PLC0415 - only init drafts mappings
+
     with _source(source_url) as source:
         tables = introspect.inspect_tables(source)
         dialect = source.dialect.name

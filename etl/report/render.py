@@ -34,7 +34,6 @@ from etl.report.common import (
     side,
     total_counts,
 )
-from etl.report.html import render_html
 
 FORMATS: Final = ("text", "json", "markdown", "html")
 # 2: track streams (SPEC §10): any event_type, a stream's `kind`, a record's `event`.
@@ -360,11 +359,17 @@ def _render_markdown(report: DiffReport, hint: str) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def _render_html(report: DiffReport, hint: str) -> str:
+    from etl.report.html import render_html  # noqa: PLC0415 - only diff --format html needs it
+
+    return render_html(report, hint=hint)
+
+
 _DIFF_RENDERERS: Final[dict[str, Callable[[DiffReport, bool, str], str]]] = {
     "text": _render_text,
     "json": lambda report, _color, _hint: _render_json(report),
     "markdown": lambda report, _color, hint: _render_markdown(report, hint),
-    "html": lambda report, _color, hint: render_html(report, hint=hint),
+    "html": lambda report, _color, hint: _render_html(report, hint),
 }
 
 
