@@ -273,7 +273,7 @@ class Mapping:
 @dataclass(frozen=True, slots=True)
 class Unrepresentable:
     """A source value Python cannot hold, as the database spells it: PostgreSQL's
-    `infinity` / `-infinity` timestamps and dates. `etl.source.drivers` reads them as
+    `infinity` / `-infinity` timestamps and dates. `etl.source.pgtypes` reads them as
     this; transform makes their record invalid, naming the value."""
 
     text: str  # "infinity" or "-infinity"

@@ -104,7 +104,7 @@ def as_date(value: Any, tz: dt.tzinfo) -> str:
 def _cannot(value: Any, what: str) -> Invalid:
     """Why `value` (of a type no branch took) cannot be `what`."""
     if isinstance(value, Unrepresentable):
-        # PostgreSQL's ±infinity: psycopg cannot load it, etl.source.drivers reads it as this
+        # PostgreSQL's ±infinity: psycopg cannot load it, etl.source.pgtypes reads it as this
         return Invalid(
             f"{value.type_name} {value.text!r} has no ISO-8601 form — store a real value"
             ' or NULL, or map it with sql: "CASE WHEN isfinite(col) THEN col END"'

@@ -1,0 +1,42 @@
+"""What a process imports: modules only some commands need stay out of the others
+(each import is paid by every run, docs/performance.md "Fixed cost")."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# Loaded only by the command or the source that needs them.
+LAZY = (
+    "psycopg",  # a PostgreSQL source (etl.source.pgtypes)
+    "etl.source.pgtypes",
+    "etl.run.sample",  # validate --check-source
+    "sqlglot",
+    "etl.source.introspect",  # init
+    "etl.source.scaffold",
+    "etl.report.html",  # diff --format html
+    "etl.receiver",  # etl receiver
+    "jsonschema",  # never at runtime (tests only)
+)
+
+PROBE = """
+import sys
+import sqlalchemy as sa
+import etl.cli
+from etl.source import drivers
+engine = sa.create_engine("sqlite://")
+drivers.install(engine)
+with engine.connect() as conn:
+    conn.execute(sa.text("select 'x'")).scalar_one()
+print(",".join(name for name in {lazy!r} if name in sys.modules))
+"""
+
+
+def test_the_cli_and_a_sqlite_source_load_none_of_the_lazy_modules() -> None:
+    """Importing the command line and reading a SQLite source loads neither psycopg
+    nor the modules of validate, init, the HTML diff or the receiver."""
+    probe = PROBE.format(lazy=LAZY)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == ""
