@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from click.testing import Result
-from support import TOKEN, cli_env, copy_mappings, run_cli, seed
+from support import TOKEN, cli_env, copy_mappings, run_cli, seed, user_id
 
 from etl.receiver.faults import FaultPlan
 from etl.receiver.server import RunningReceiver, start_receiver
@@ -42,6 +42,7 @@ class Terminator:
 
     when: Callable[[str, str], bool]
     victims: Callable[[sa.Connection, Any], list[int]] | None = None
+    first: Callable[[], None] | None = None  # done just before the kill
     fired: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -53,6 +54,8 @@ class Terminator:
             if self.fired or not self.when(statement, database):
                 return
             self.fired += 1
+        if self.first is not None:
+            self.first()
         if conn.engine.dialect.name == "mysql":
             # the statement about to run meets a killed connection
             with _admin(MARIADB_ADMIN_URL) as admin:
@@ -448,3 +451,49 @@ def test_a_track_backfill_resumes_after_a_lost_session(
     ids = Counter(e["event_id"] for e in slow_receiver.events())
     assert len(ids) == 30
     assert set(ids.values()) == {1}
+
+
+@pytest.mark.postgres
+def test_a_key_read_again_after_a_resume_is_not_a_duplicate(
+    tmp_path: Path, source: str, slow_receiver: RunningReceiver
+) -> None:
+    """A `query:` source (where keys can repeat): a row already read changes while the
+    connection is down and is read again after the resume; it is sent with its new
+    payload, not called a duplicate key (duplicates are judged within one snapshot)."""
+    name = _db(source)
+    pages = Counter[str]()
+    first = user_id(0)
+
+    def third_page(sql: str, db: str) -> bool:
+        if db != name or "FROM users" not in sql or "after0" not in sql:
+            return False
+        pages["users"] += 1
+        return pages["users"] == 2
+
+    def move_first_user() -> None:
+        with _admin(ADMIN_URL.replace("/test", f"/{name}")) as admin:
+            admin.execute(
+                sa.text(
+                    "UPDATE users SET first_name = 'Moved', updated_at = now() + interval "
+                    "'1 hour' WHERE id = :id"
+                ),
+                {"id": first},
+            )
+
+    copy_mappings(tmp_path / "mappings", dialect="postgresql")
+    users = tmp_path / "mappings" / "users.yml"
+    users.write_text(users.read_text().replace("  table: users", '  query: "SELECT * FROM users"'))
+    with Terminator(third_page, first=move_first_user) as kill:
+        result = run_cli(
+            ["sync", "--page-size", "5", "--batch-size", "4"],
+            cli_env(tmp_path, source, slow_receiver.url),
+        )
+    assert kill.fired == 1
+    assert result.exit_code == 0, result.stderr
+    assert "duplicate key" not in result.stderr
+    names = [
+        e["traits"]["name"]
+        for e in slow_receiver.events()
+        if e["event_type"] == "user_identify" and e["user_id"] == first
+    ]
+    assert names == ["Ada Lovelace0", "Moved Lovelace0"]
