@@ -350,6 +350,30 @@ def test_validate_check_source_names_a_missing_timestamp_or_name_column(
     assert "invoices.yml: event_type: no column 'kind_of' in the source" in result.stderr
 
 
+def test_validate_check_source_samples_track_rows_through_the_transform(
+    invoices: dict[str, str],
+) -> None:
+    """--check-source maps a sample of a track stream's rows and reports the share
+    of invalid ones by key: a NULL timestamp, a reserved name from a row."""
+    engine = sa.create_engine(invoices["ETL_SOURCE_URL"])
+    with engine.begin() as conn:
+        for key, kind, at in (
+            (1, "paid", "2024-02-01 10:00:00"),
+            (2, "user_identify", "2024-02-02 10:00:00"),
+            (3, "paid", None),
+            (4, "paid", "2024-02-03 10:00:00"),
+        ):
+            conn.exec_driver_sql(
+                "INSERT INTO invoices VALUES (?, 'u-1', 'w-1', 5, 'EUR', ?, ?)", (key, kind, at)
+            )
+    engine.dispose()
+    result = run_cli(["validate", "--check-source"], invoices)
+    assert result.exit_code == 0, result.output
+    assert "sampled 4 row(s) (both ends of key and cursor): 2 valid, 2 invalid" in result.output
+    assert "invoices.yml: timestamp: 1 of 4 sampled row(s) (25%) invalid" in result.output
+    assert "invoices.yml: event_type: 1 of 4 sampled row(s) (25%) invalid" in result.output
+
+
 def test_state_reset_forgets_a_track_stream_so_history_can_be_sent_again(
     invoices: dict[str, str], receiver: Any
 ) -> None:

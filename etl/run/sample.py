@@ -54,8 +54,6 @@ def sample_source(
     problems: list[str] = []
     notes: list[str] = []
     for mapping in mappings:
-        if mapping.track is not None:
-            continue  # track streams send properties, not identify traits: not sampled
         with engine.connect() as conn, extract.read_only(conn, timezone=mapping.timezone):
             sample = _sample(conn, mapping, rows)
         found, said = _findings(sample)
@@ -131,17 +129,23 @@ def _fetch(conn: Connection, mapping: Mapping, query: sa.Select[Any]) -> list[tu
 def _field_of(reason: str, mapping: Mapping) -> str:
     """The mapping key an invalid record's reason is about (`traits.name`, `user_id`...)."""
     traits = {f.name for f in mapping.traits}
+    # a track stream's traits are its event's properties (SPEC §10)
+    values = "properties" if mapping.track is not None else "traits"
     if match := _REQUIRED.match(reason):
         return f"traits.{match[1]}"
     if match := _ID_REASON.match(reason):
         return match[1]
     if reason.startswith(("key column is NULL", "duplicate key")):
         return "key"
+    if reason.startswith(("timestamp is NULL", "utc_time: ")):
+        return "timestamp"
+    if reason.startswith("event_type") or "reserved for identify events" in reason:
+        return "event_type"
     if (match := _FIELD_REASON.match(reason)) and match[1] in traits:
-        return f"traits.{match[1]}"
+        return f"{values}.{match[1]}"
     if match and match[1] in _ID_FIELDS:
         return match[1]
-    return "traits"
+    return values
 
 
 def _findings(sample: StreamSample) -> tuple[list[str], list[str]]:
