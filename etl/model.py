@@ -388,6 +388,18 @@ class StreamReport:
             "gone": self.gone,
         }
 
+    def summary(self) -> dict[str, Any]:
+        """The fields of the stream's one summary line (SPEC §3 `stream.done`),
+        shared by identify and track streams."""
+        return {
+            **{k: v for k, v in self.counts().items() if k != "gone"},
+            "batches": self.batches,
+            "retries": self.retries,
+            "gone": self.gone,
+            "watermark": self.watermark,
+            "seconds": round(self.seconds, 3),
+        }
+
 
 @dataclass(frozen=True)
 class RunReport:

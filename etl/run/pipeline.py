@@ -495,18 +495,7 @@ def _log_done(bound: FilteringBoundLogger, report: StreamReport, *, dry_run: boo
     """The one summary line of a stream (SPEC §3 `stream.done`)."""
     bound.info(
         "stream.done",
-        read=report.read,
-        new=report.new,
-        changed=report.changed,
-        unchanged=report.unchanged,
-        invalid=report.invalid,
-        rejected=report.rejected,
-        sent=report.sent,
-        batches=report.batches,
-        retries=report.retries,
-        gone=report.gone,
-        watermark=report.watermark,
-        seconds=round(report.seconds, 3),
+        **report.summary(),
         mode="full" if report.full else "incremental",
         dry_run=dry_run,
     )

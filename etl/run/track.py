@@ -664,17 +664,7 @@ def run_track_stream(
     )
     bound.info(
         "stream.done",
-        read=report.read,
-        new=report.new,
-        changed=report.changed,
-        unchanged=report.unchanged,
-        invalid=report.invalid,
-        rejected=report.rejected,
-        sent=report.sent,
-        batches=report.batches,
-        retries=report.retries,
-        watermark=report.watermark,
-        seconds=round(report.seconds, 3),
+        **report.summary(),
         mode="backfill" if backfill else "incremental",
         kind="track",
         future=report.future,
