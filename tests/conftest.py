@@ -7,6 +7,7 @@ afterwards, so parallel and repeated runs never collide.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +24,9 @@ def _unique_name() -> str:
     return f"etl_t_{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A URL to an empty PostgreSQL database created for this test alone."""
+@contextlib.contextmanager
+def _pg_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database with a unique name, dropped on exit."""
     name = _unique_name()
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -36,6 +37,20 @@ def pg_url() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A URL to an empty PostgreSQL database created for this test alone."""
+    with _pg_database() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_state() -> Iterator[str]:
+    """A second empty PostgreSQL database for this test alone (a PostgreSQL state store)."""
+    with _pg_database() as url:
+        yield url
 
 
 @pytest.fixture

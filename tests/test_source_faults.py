@@ -284,21 +284,6 @@ def test_session_lost_after_the_last_page_with_batches_in_flight(
     assert_all_once(slow_receiver)
 
 
-@pytest.fixture
-def pg_state(pg_url: str) -> Iterator[str]:
-    """A second PostgreSQL database, for the state store."""
-    name = _db(pg_url) + "_state"
-    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def test_sessions_lost_during_the_final_state_commit(
     tmp_path: Path, source: str, pg_state: str, slow_receiver: RunningReceiver
 ) -> None:
