@@ -449,6 +449,29 @@ def test_naive_datetimes_are_read_in_the_mapping_timezone(value: Any, expected: 
     assert value_of(trait(value, "datetime", tz="Europe/Berlin")) == expected
 
 
+@given(
+    value=st.datetimes(
+        min_value=dt.datetime(2, 1, 1),
+        max_value=dt.datetime(9998, 12, 31),
+        timezones=st.sampled_from(
+            [
+                UTC,
+                ZoneInfo("UTC"),
+                ZoneInfo("Etc/UTC"),
+                ZoneInfo("Europe/Berlin"),
+                dt.timezone(dt.timedelta(hours=-5)),
+            ]
+        ),
+    ),
+    typed=st.booleans(),
+)
+def test_any_aware_datetime_is_its_utc_isoformat_with_z(value: dt.datetime, typed: bool) -> None:
+    """Whatever its zone (psycopg's Etc/UTC included), a datetime is sent as
+    isoformat() of the same instant in UTC, with Z for +00:00."""
+    expected = value.astimezone(UTC).replace(tzinfo=None).isoformat() + "Z"
+    assert value_of(trait(value, "datetime" if typed else None)) == expected
+
+
 def test_aware_datetimes_ignore_the_mapping_timezone() -> None:
     """A value that carries its own offset is not re-read in the stream's zone."""
     aware = dt.datetime(2021, 1, 20, 9, 55, 35, tzinfo=UTC)

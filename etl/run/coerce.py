@@ -28,8 +28,24 @@ MAX_INT_DIGITS = 4300
 
 UTC = dt.UTC
 _ZERO = dt.timedelta(0)
-# The objects that mean UTC: ZoneInfo caches its instances, so identity works.
-_UTC_ZONES = (UTC, ZoneInfo("UTC"))
+# The objects that mean UTC. PostgreSQL sessions often report their zone as
+# "Etc/UTC", so psycopg's datetimes carry that one. ZoneInfo caches its
+# instances (kept alive here), so the set's identity hash finds psycopg's too;
+# a zone not found here takes the exact (slower) path, never a wrong one.
+_UTC_ZONES = frozenset(
+    {UTC, *(ZoneInfo(name) for name in ("UTC", "Etc/UTC", "Etc/UCT", "Etc/Universal", "Etc/Zulu"))}
+)
+# orjson writes a datetime as isoformat() does (four-digit year, microseconds only
+# when non-zero), "+00:00" as "Z", a naive one as UTC: 4x faster than isoformat().
+_AS_UTC_Z = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z
+
+
+def _iso_z(value: dt.datetime) -> str:
+    """A UTC (or naive, meaning UTC) datetime as ISO-8601 text ending in Z."""
+    if type(value) is dt.datetime:  # orjson refuses subclasses
+        return orjson.dumps(value, option=_AS_UTC_Z)[1:-1].decode()
+    text = value.replace(tzinfo=None).isoformat()
+    return text + "Z"
 
 
 class Invalid(ValueError):
@@ -38,12 +54,9 @@ class Invalid(ValueError):
 
 def _utc_text(value: dt.datetime, tz: dt.tzinfo) -> str:
     zone = value.tzinfo
-    # Fast paths for values already in UTC, the common case (isoformat is C code):
-    # isoformat writes the fraction only when non-zero, and years as four digits.
-    if zone is None and tz in _UTC_ZONES:
-        return value.isoformat() + "Z"
-    if zone in _UTC_ZONES:
-        return value.isoformat()[:-6] + "Z"  # drop "+00:00"
+    # the common case first: a value already in UTC
+    if zone in _UTC_ZONES or (zone is None and tz in _UTC_ZONES):
+        return _iso_z(value)
     aware = value if zone is not None else value.replace(tzinfo=tz)
     if aware.utcoffset() == _ZERO:
         utc = aware  # already UTC: the common case, and astimezone() is not free
@@ -52,11 +65,7 @@ def _utc_text(value: dt.datetime, tz: dt.tzinfo) -> str:
             utc = aware.astimezone(UTC)
         except OverflowError as exc:
             raise Invalid(f"datetime {value.isoformat()} is out of range in UTC") from exc
-    # not strftime: glibc writes year 1 as "1", not "0001"
-    text = f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc:%H:%M:%S}"
-    if utc.microsecond:
-        text += f".{utc.microsecond:06d}"
-    return text + "Z"
+    return _iso_z(utc)
 
 
 def _parse_datetime_text(text: str) -> dt.datetime:
@@ -357,7 +366,7 @@ def _datetimes(tz: dt.tzinfo) -> Callable[[Any], Any]:
 
     def convert(raw: Any) -> Any:
         if type(raw) is dt.datetime and raw.tzinfo in _UTC_ZONES:
-            return raw.isoformat()[:-6] + "Z"
+            return orjson.dumps(raw, option=_AS_UTC_Z)[1:-1].decode()
         return as_datetime(raw, tz)
 
     return convert
