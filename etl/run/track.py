@@ -316,8 +316,7 @@ class TrackFlow:
                 for key, row in keyed:
                     record = self.transform(row)
                     if check_duplicates and self._duplicate(key):
-                        record = replace(
-                            record,
+                        record = record._replace(
                             payload=None,
                             reason="duplicate key: the query returned this key more than "
                             "once in this run — make `key` unique (only the first row was used)",
