@@ -22,6 +22,7 @@ from etl.run.transform import (
     canonical,
     event_body,
     event_id,
+    event_ids,
     make_transformer,
     to_event,
     to_record,
@@ -893,6 +894,17 @@ def test_event_id_is_a_deterministic_uuid5() -> None:
     assert event_id(**ID_PARTS) == first
     name = "\x1f".join(ID_PARTS.values())
     assert first == str(uuid.uuid5(uuid.UUID("6f1c1a52-3c0e-4f43-9a43-1d2f6b7e0c11"), name))
+
+
+@given(parts=st.lists(st.text(st.characters(blacklist_categories=["Cs"])), min_size=5, max_size=5))
+def test_a_streams_event_ids_are_uuid5(parts: list[str]) -> None:
+    """event_ids (one stream's ids, as the sender makes them) gives uuid.uuid5 of the
+    five parts joined, for any text."""
+    workspace_key, event_type, key, payload_hash, previous = parts
+    ids = event_ids(workspace_key=workspace_key, event_type=event_type)
+    name = "\x1f".join(parts)
+    expected = str(uuid.uuid5(uuid.UUID("6f1c1a52-3c0e-4f43-9a43-1d2f6b7e0c11"), name))
+    assert ids(key, payload_hash, previous) == expected
 
 
 def test_a_payload_that_returns_chains_a_new_event_id() -> None:

@@ -20,7 +20,7 @@ from etl.run.classify import ClassifiedPage
 from etl.run.diff import fingerprint
 from etl.run.ledger import Ledger, Ref
 from etl.run.plan import StreamPlan
-from etl.run.transform import event_body, event_id
+from etl.run.transform import event_body, event_ids
 from etl.settings import DeliverySettings
 from etl.state.store import Sent
 
@@ -56,7 +56,7 @@ def events(
     """The events to send, numbered by the ledger, page by page."""
     send_unchanged = plan.force
     context = plan.context
-    workspace_key, event_type = context.workspace_key, context.event_type
+    event_id = event_ids(workspace_key=context.workspace_key, event_type=context.event_type)
     for page in pages:
         invalid: list[tuple[str, tuple[Any, ...], str]] = []
         for change, row, source_hash in page.changes:
@@ -77,13 +77,7 @@ def events(
             assert record.payload is not None  # noqa: S101
             assert record.canonical is not None  # noqa: S101
             digest = change.hash or fingerprint(record.canonical)
-            eid = event_id(
-                workspace_key=workspace_key,
-                event_type=event_type,
-                key=record.key,
-                payload_hash=digest,
-                previous=change.previous_event_id,
-            )
+            eid = event_id(record.key, digest, change.previous_event_id)
             body = event_body(record.canonical, event_id=eid, context=context)
             # a gone record has no row: no digest, so a key that comes back is re-mapped
             sent = Sent(record.key, digest, record.canonical, eid, source_hash or None)

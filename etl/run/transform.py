@@ -89,17 +89,36 @@ def event_id(
     once a send was acknowledged); a record that returns to an earlier payload
     (free -> pro -> free, or back after on_gone) chains a different previous id,
     so it gets a new one that no downstream de-duplication drops. The same
-    bytes as `uuid.uuid5`, without building UUID objects: this runs once per
-    event sent.
+    text as `str(uuid.uuid5(...))` (`event_ids` makes many of one stream).
     """
-    name = "\x1f".join((workspace_key, event_type, key, payload_hash, previous))
-    digest = bytearray(
-        hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()[:16]
+    return event_ids(workspace_key=workspace_key, event_type=event_type)(
+        key, payload_hash, previous
     )
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def event_ids(*, workspace_key: str, event_type: str) -> Callable[[str, str, str], str]:
+    """`event_id` of one stream's events: (key, payload_hash, previous) -> id.
+
+    This runs once per event sent: the namespace and the stream's part of the
+    name are hashed once, each id copies that SHA-1 state, and the UUID text is
+    cut from the hex digest (no UUID object, no bytearray).
+    """
+    stream = hashlib.sha1(
+        _NAMESPACE_BYTES + f"{workspace_key}\x1f{event_type}\x1f".encode(), usedforsecurity=False
+    )
+
+    def one(key: str, payload_hash: str, previous: str) -> str:
+        sha = stream.copy()
+        sha.update(f"{key}\x1f{payload_hash}\x1f{previous}".encode())
+        h = sha.hexdigest()
+        # RFC 4122: version 5 in the 13th hex digit, the variant in the 17th's top bits
+        return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+    return one
+
+
+# A hex digit n -> (n & 0b0011) | 0b1000 in hex: the RFC 4122 variant bits set.
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
 
 
 def track_event_id(*, workspace_key: str, stream: str, key: str) -> str:
