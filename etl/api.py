@@ -35,7 +35,16 @@ from etl.mapping.schema import SCHEMA_FILE, mapping_schema_text
 from etl.model import DiffReport, Mapping, RunReport, Secret, Shard
 from etl.run.options import Collaborators, Progress, RunOptions
 from etl.run.pipeline import run
-from etl.settings import DELIVERY, JOB, MIN_BATCH_BYTES, READ, DeliverySettings, EventIdentity
+from etl.settings import (
+    DELIVERY,
+    JOB,
+    MAX_WORKERS,
+    MIN_BATCH_BYTES,
+    READ,
+    DeliverySettings,
+    EventIdentity,
+    default_workers,
+)
 from etl.source import check, extract
 from etl.source import drivers as sourcedb
 from etl.source.resume import Reconnect
@@ -69,9 +78,12 @@ def sync(
     batch_bytes: int = DELIVERY.batch_bytes,
     concurrency: int = DELIVERY.concurrency,
     max_rps: float | None = DELIVERY.max_rps,
+    workers: int | None = None,
     stop: threading.Event | None = None,
 ) -> RunReport:
-    """Incremental sync of every stream (accounts first); `full` re-reads all rows."""
+    """Incremental sync of every stream (accounts first); `full` re-reads all rows;
+    a full read of a big stream is split between `workers` processes (default: one
+    per CPU, at most settings.AUTO_WORKERS_MAX)."""
     mappings = load_mappings(Path(mappings_dir), streams=streams)
     sending = _sending(
         endpoint=endpoint,
@@ -90,6 +102,8 @@ def sync(
         shard=parse_shard(shard),
         max_transaction_age=parse_age(max_transaction_age),
         reconnect=parse_reconnect(reconnect_attempts, reconnect_time),
+        workers=parse_workers(workers),
+        parallel_min_rows=READ.parallel_min_rows if workers is None else 0,
     )
     return _send(
         "sync",
@@ -125,11 +139,13 @@ def backfill(
     batch_bytes: int = DELIVERY.batch_bytes,
     concurrency: int = DELIVERY.concurrency,
     max_rps: float | None = DELIVERY.max_rps,
+    workers: int | None = None,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
 ) -> RunReport:
     """Full historical load, resumable from the last acknowledged page; track
-    streams send their history once (`since`: 90d, 12h or a date; `force`: again)."""
+    streams send their history once (`since`: 90d, 12h or a date; `force`: again).
+    A big stream is read by `workers` processes (default: one per CPU, at most 4)."""
     mappings = load_mappings(Path(mappings_dir), streams=streams)
     sending = _sending(
         endpoint=endpoint,
@@ -151,6 +167,8 @@ def backfill(
         shard=parse_shard(shard),
         max_transaction_age=parse_age(max_transaction_age),
         reconnect=parse_reconnect(reconnect_attempts, reconnect_time),
+        workers=parse_workers(workers),
+        parallel_min_rows=READ.parallel_min_rows if workers is None else 0,
     )
     return _send(
         "backfill",
@@ -312,6 +330,18 @@ def _send(
         )
         report, _ = run(mappings, command=command, options=options, io=io)
     return report
+
+
+def parse_workers(value: int | None) -> int:
+    """`--workers`: not given, one per CPU (at most AUTO_WORKERS_MAX), for full reads
+    of READ.parallel_min_rows rows or more; given, that many for every full read, as
+    asked (the callers set RunOptions.parallel_min_rows so). UsageError when out of
+    range."""
+    if value is None:
+        return default_workers()
+    if not 1 <= value <= MAX_WORKERS:
+        raise UsageError(f"--workers: {value} — use 1 to {MAX_WORKERS} (1: one process)")
+    return value
 
 
 def parse_age(value: Duration) -> dt.timedelta:

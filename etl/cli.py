@@ -41,11 +41,13 @@ from etl.monitor import metrics, notify, outcome
 from etl.report import render as report
 from etl.report.common import MORE_HINT
 from etl.settings import (
+    AUTO_WORKERS_MAX,
     DELIVERY,
     DIFF_TERMINAL_LIMIT,
     JOB,
     MAX_BATCH_SIZE,
     MAX_CONCURRENCY,
+    MAX_WORKERS,
     MIN_BATCH_BYTES,
     READ,
     RECEIVER,
@@ -238,6 +240,19 @@ _sending = _options(
 )
 
 
+# Worker processes for full reads (sync, backfill).
+_workers = click.option(
+    "--workers",
+    envvar="ETL_WORKERS",
+    type=click.IntRange(1, MAX_WORKERS),
+    metavar="N",
+    help="Split each full read (backfill, sync --full, a full_every pass) between N "
+    "processes, each reading its share of the keys; 1: one process. Default: one per "
+    f"CPU (at most {AUTO_WORKERS_MAX}) for streams of {READ.parallel_min_rows:,}+ rows. "
+    "[env ETL_WORKERS]",
+)
+
+
 # Options that report a sending run to monitoring (sync, backfill).
 _monitoring = _options(
     click.option(
@@ -386,6 +401,7 @@ def validate(
 @_common
 @_reading
 @_sending
+@_workers
 @_monitoring
 @click.option("--full", is_flag=True, help="Re-read every row (still sends only what changed).")
 @click.option("--dry-run", is_flag=True, help="Same as `etl diff`: send nothing, write nothing.")
@@ -404,6 +420,7 @@ def sync(dry_run: bool, **kw: Any) -> None:
 @_common
 @_reading
 @_sending
+@_workers
 @_monitoring
 @click.option("--force", is_flag=True, help="Send records even when unchanged since last sent.")
 @click.option("--restart", is_flag=True, help="Ignore the saved checkpoint and start over.")

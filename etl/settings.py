@@ -10,6 +10,7 @@ environment variables are the CLI's (and, for the secrets and the endpoint,
 from __future__ import annotations
 
 import datetime as dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
@@ -48,6 +49,9 @@ class ReadSettings:
     full_every_seconds: float | None = 7 * 86400.0
     # `validate --check-source`: rows read from each end of the key and cursor orders
     sample_rows: int = 50
+    # `--workers`: a full read of at least this many rows (estimated) is split between
+    # worker processes; below it, forking and the extra connections do not pay
+    parallel_min_rows: int = 50_000
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,21 @@ class ReceiverSettings:
 MIN_BATCH_BYTES: Final = 1024
 MAX_BATCH_SIZE: Final = 10_000
 MAX_CONCURRENCY: Final = 32
+# `--workers`: at most this many processes for a full read; its default is one per
+# CPU this process may use, at most AUTO_WORKERS_MAX (more connections to the source
+# and the state store than that rarely pay on the machines cron jobs run on)
+MAX_WORKERS: Final = 64
+AUTO_WORKERS_MAX: Final = 4
+
+
+def default_workers() -> int:
+    """`--workers` when not given: one per usable CPU, at most AUTO_WORKERS_MAX."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS has no sched_getaffinity
+        cpus = os.cpu_count() or 1
+    return max(1, min(AUTO_WORKERS_MAX, cpus))
+
 
 JOB: Final = JobSettings()
 READ: Final = ReadSettings()

@@ -110,6 +110,11 @@ class MemoryState:
             updated_at=T0,
         )
 
+    def forget_parts(self, stream: str) -> None:
+        self._called("forget_parts", stream)
+        for name in [n for n in self.streams if n.startswith(f"{stream}~part")]:
+            del self.streams[name]
+
     def save_watermark(
         self,
         stream: str,

@@ -125,6 +125,17 @@ class LazyClient:
         """Whether the client exists (something was sent)."""
         return self._client is not None
 
+    @property
+    def forkable(self) -> bool:
+        """Whether another process can make the same client (`fresh`): not with a
+        test's in-process transport, whose answers would stay in that process."""
+        return self._transport is None
+
+    def fresh(self) -> LazyClient:
+        """A new, unmade client with the same settings and token (a forked worker's:
+        the parent's pool and sockets are never shared)."""
+        return LazyClient(self._settings, self._token, transport=self._transport)
+
     def client(self) -> httpx.Client:
         """The client, made now if this is the first request."""
         with self._lock:

@@ -43,6 +43,17 @@ class Counts:
     gone: int = 0  # keys sent before and not met by a full read (SPEC §9)
     invalid_records: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
 
+    def merge(self, other: Counts) -> None:
+        """Add another reader's counts (a worker process's part of the stream)."""
+        self.read += other.read
+        self.new += other.new
+        self.changed += other.changed
+        self.unchanged += other.unchanged
+        self.invalid += other.invalid
+        self.gone += other.gone
+        room = MAX_LISTED - len(self.invalid_records)
+        self.invalid_records.extend(other.invalid_records[: max(0, room)])
+
     def add(self, change: Change) -> None:
         kind = change.kind
         if kind == "invalid":
@@ -156,7 +167,6 @@ def classify(
     stream = mapping.stream
     n_keys = len(mapping.key)
     shortcut = not plan.force
-    shard = plan.shard
     salt = plan.salt
     transform = plan.transform
     if not plan.duplicates_possible:
@@ -194,12 +204,12 @@ def classify(
     for rows in pages:
         if stop is not None and stop.is_set():
             return
-        # the query read only this shard's rows; a re-read by key may not have
-        owned = rows if shard is None else [r for r in rows if shard.owns_values(r[:n_keys])]
+        # Every read of a shard (pages, re-reads by key, NULL keys) carries the shard
+        # predicate in its SQL (extract.build_query): no row of another shard comes.
         if n_keys == 1:  # record_key of one column, without a slice and a call a row
-            keyed = [(key_part(row[0]), row) for row in owned]
+            keyed = [(key_part(row[0]), row) for row in rows]
         else:
-            keyed = [(record_key(row[:n_keys]), row) for row in owned]
+            keyed = [(record_key(row[:n_keys]), row) for row in rows]
         if retrying:
             keyed = retries.first_sightings(keyed)
         if related is not None and related_keys:

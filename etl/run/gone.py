@@ -97,8 +97,11 @@ def with_gone(
             yield page
         if stop.is_set():
             return  # a stopped read is not a full read: nothing is gone
-        for chunk in _chunks(state.sent_keys(plan.mapping.stream)):
-            gone = [key for key in seen.missing(chunk) if plan.owns(key)]
+        owned = state.sent_keys(plan.mapping.stream)
+        if plan.shard is not None:  # another shard's (or part's) keys are its own to judge
+            owned = (key for key in owned if plan.owns(key))
+        for chunk in _chunks(owned):
+            gone = seen.missing(chunk)
             if gone:
                 counts.gone += len(gone)
                 yield ClassifiedPage(iter(_gone_changes(gone, plan=plan, state=state)), [], ())

@@ -40,6 +40,10 @@ class RunOptions:
     since: str | None = None  # backfill of track streams: how far back (90d, 2024-01-31)
     # a lost source connection: how hard to try again
     reconnect: Reconnect = field(default_factory=Reconnect)
+    # full reads of at least parallel_min_rows rows (estimated) are split between
+    # this many worker processes (run.parallel); 1 reads in this process
+    workers: int = 1
+    parallel_min_rows: int = READ.parallel_min_rows
 
 
 @dataclass

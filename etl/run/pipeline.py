@@ -12,6 +12,7 @@ skips the sending and the writing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import re
 import time
@@ -42,7 +43,16 @@ from etl.model import (
     StreamReport,
     Watermark,
 )
-from etl.run.classify import ClassifiedPage, Counts, DuplicateKeys, RetriedRejects, Row, classify
+from etl.run import parallel
+from etl.run.classify import (
+    MAX_LISTED,
+    ClassifiedPage,
+    Counts,
+    DuplicateKeys,
+    RetriedRejects,
+    Row,
+    classify,
+)
 from etl.run.dryrun import DryRun, collect
 from etl.run.gone import with_gone
 from etl.run.ledger import Ledger
@@ -173,17 +183,32 @@ def _run_stream(
         checkpoints=plan.backfill,
     )
     retry_keys = [r.key_values for r in rejects if retries is not None and r.key in retries.keys]
-    read = _read(
-        plan,
-        retry_keys,
-        retries,
-        counts,
-        ledger,
-        previous=previous,
-        options=options,
-        io=io,
-        bound=bound,
-    )
+    parts, total = _parts(plan, options=options, io=io, bound=bound)
+    if parts > 1:
+        read = _read_in_parts(
+            plan,
+            parts,
+            counts,
+            ledger,
+            clear_rejects=bool(rejects),
+            total=total,
+            previous=previous,
+            options=options,
+            io=io,
+            bound=bound,
+        )
+    else:
+        read = _read(
+            plan,
+            retry_keys,
+            retries,
+            counts,
+            ledger,
+            previous=previous,
+            options=options,
+            io=io,
+            bound=bound,
+        )
     if io.stop.is_set():
         raise StoppedError(
             f"stream {mapping.stream}: stopped by a signal after the in-flight batches were "
@@ -202,6 +227,8 @@ def _run_stream(
             related=read.related_marks if mapping.related else None,
             full_read=plan.full_read,
         )
+        if plan.backfill:  # a parallel backfill's part checkpoints are done with too
+            io.state.forget_parts(plan.state_name)
     report = _report(plan, counts, ledger, read, seconds=time.monotonic() - started)
     _log_done(bound, report, dry_run=plan.dry_run)
     return report, (_diff_stream(report, read.dry) if read.dry else None)
@@ -229,6 +256,7 @@ def _read(
     options: RunOptions,
     io: Collaborators,
     bound: FilteringBoundLogger,
+    note_limits: bool = True,
 ) -> _Read:
     """Read the stream in a read-only transaction, classify its rows, and send
     them (or collect a dry run's records) before the transaction ends. A lost
@@ -237,7 +265,10 @@ def _read(
     but under this horizon."""
     mapping = plan.mapping
     reopen = resume.Snapshot(
-        engine=io.source, snapshot=not plan.backfill, timezone=mapping.timezone
+        engine=io.source,
+        snapshot=not plan.backfill,
+        timezone=mapping.timezone,
+        sharded=plan.shard is not None,
     )
 
     def prepare(conn: Connection) -> _Prepared:
@@ -268,7 +299,8 @@ def _read(
     ) as (conn, prepared):
         src, horizon, total = prepared.src, prepared.horizon, prepared.total
         null_cursor, related = prepared.null_cursor, prepared.related
-        _note_limits(horizon, io=io, bound=bound)
+        if note_limits:
+            _note_limits(horizon, io=io, bound=bound)
         related_first = (
             RetriedRejects(record_key(values) for values in related.keys) if related.keys else None
         )
@@ -313,6 +345,142 @@ def _read(
         dry=dry,
         related_marks=related.marks,
     )
+
+
+def _parts(
+    plan: StreamPlan, *, options: RunOptions, io: Collaborators, bound: FilteringBoundLogger
+) -> tuple[int, int | None]:
+    """Into how many worker processes this stream's read is split (1: read here),
+    and the rows estimated (for progress): a full read of at least
+    `options.parallel_min_rows` rows, when `options.workers` allows more than one."""
+    if options.workers <= 1 or parallel.can_split(plan, io) is not None:
+        return 1, None
+    mapping = plan.mapping
+    total = None
+    if options.parallel_min_rows > 0 or io.progress is not None:
+        with io.source.connect() as conn:
+            total = extract.estimate_rows(conn, mapping, _source_from(conn, mapping))
+        if total is None or total < options.parallel_min_rows:
+            return 1, total
+    bound.info("stream.parallel", workers=options.workers, rows_estimated=total)
+    return options.workers, total
+
+
+@dataclass(frozen=True, slots=True)
+class _PartRead:
+    """What one worker process's part of a stream came to (`parallel.PartResult`)."""
+
+    read: _Read
+    counts: Counts
+    rejected: int
+    rejected_records: list[tuple[str, str]]
+
+
+def _read_in_parts(
+    plan: StreamPlan,
+    parts: int,
+    counts: Counts,
+    ledger: Ledger,
+    *,
+    clear_rejects: bool,
+    total: int | None,
+    previous: StreamState | None,
+    options: RunOptions,
+    io: Collaborators,
+    bound: FilteringBoundLogger,
+) -> _Read:
+    """`_read`, split between `parts` worker processes (`run.parallel`): each reads,
+    classifies, sends and records its part; their counts, ledgers and horizons are
+    merged here into `counts`, `ledger` and one `_Read` (the earliest horizon: the
+    watermark must not pass what any part's snapshot saw)."""
+    mapping = plan.mapping
+
+    def work(part: parallel.Part) -> _PartRead:
+        part_counts = Counts()
+        part_ledger = Ledger(
+            state=part.io.state,
+            stream=mapping.stream,
+            state_name=part.plan.state_name,
+            n_keys=len(mapping.key),
+            clear_rejects=clear_rejects,
+            checkpoints=part.plan.backfill,
+        )
+        read = _read(
+            part.plan,
+            (),
+            None,
+            part_counts,
+            part_ledger,
+            previous=previous,
+            options=options,
+            io=part.io,
+            bound=bound.bind(part=f"{part.index}/{parts}"),
+            note_limits=False,
+        )
+        return _PartRead(read, part_counts, part_ledger.rejected, part_ledger.rejected_records)
+
+    progress = io.progress
+    results = parallel.read_in_parts(
+        plan,
+        parts=parts,
+        work=work,
+        options=options,
+        io=io,
+        on_progress=(lambda n: progress(mapping.stream, n, total)) if progress else None,
+    )
+    reads = [r.result for r in results]
+    for part in reads:
+        counts.merge(part.counts)
+        ledger.rejected += part.rejected
+        room = MAX_LISTED - len(ledger.rejected_records)
+        ledger.rejected_records.extend(part.rejected_records[: max(0, room)])
+    if any(r.stopped for r in results):
+        io.stop.set()  # a part stopped early (signalled): the stream is not read to its end
+    bound.info(
+        "stream.parts",
+        workers=parts,
+        read=[p.counts.read for p in reads],
+        peak_rss_mb=[r.peak_rss_mb for r in results],
+    )
+    horizon = _earliest([p.read.horizon for p in reads])
+    _note_limits(horizon, io=io, bound=bound)
+    return _Read(
+        horizon=horizon,
+        null_cursor=None,
+        stats=DeliveryStats(
+            sent=sum(p.read.stats.sent for p in reads),
+            rejected=sum(p.read.stats.rejected for p in reads),
+            batches=sum(p.read.stats.batches for p in reads),
+            requests=sum(p.read.stats.requests for p in reads),
+            retries=sum(p.read.stats.retries for p in reads),
+        ),
+        dry=None,
+        related_marks=_earliest_marks([p.read.related_marks for p in reads]),
+    )
+
+
+def _earliest(horizons: list[Horizon]) -> Horizon:
+    """The horizon of the part whose snapshot saw least (None: no part saw a cursor),
+    with every part's notes."""
+    seen = [h for h in horizons if h.value is not None]
+    earliest = min(seen, key=lambda h: _order(h.value)) if seen else horizons[0]
+    notes = tuple(dict.fromkeys(n for h in horizons for n in h.notes))
+    return dataclasses.replace(earliest, notes=notes)
+
+
+def _earliest_marks(marks: list[dict[str, Watermark | None]]) -> dict[str, Watermark | None]:
+    """Each related entry's earliest watermark over the parts (None: no part saw one)."""
+    labels = dict.fromkeys(label for part in marks for label in part)
+    out: dict[str, Watermark | None] = {}
+    for label in labels:
+        seen = [m for part in marks if (m := part.get(label)) is not None]
+        out[label] = min(seen, key=_order) if seen else None
+    return out
+
+
+def _order(value: Watermark | None) -> Any:
+    """A watermark as min() may compare it (all of one stream's are of one kind)."""
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -560,7 +560,12 @@ def run_track_stream(
     backfill = options.mode == "backfill"
     with (
         io.source.connect() as conn,
-        extract.read_only(conn, snapshot=not backfill, timezone=mapping.timezone),
+        extract.read_only(
+            conn,
+            snapshot=not backfill,
+            timezone=mapping.timezone,
+            sharded=options.shard is not None,
+        ),
     ):
         src = _source_from(conn, mapping)
         horizon = safe_horizon(conn, mapping, src, max_transaction_age=options.max_transaction_age)

@@ -60,6 +60,7 @@ class Snapshot:
     engine: sa.Engine
     snapshot: bool  # one consistent view (sync) or read-committed pages (backfill)
     timezone: str
+    sharded: bool = False  # the pages carry a shard predicate (extract.read_only)
 
 
 @dataclass
@@ -176,7 +177,12 @@ def open_snapshot(
             try:
                 conn = owned.enter_context(reopen.engine.connect())
                 owned.enter_context(
-                    extract.read_only(conn, snapshot=reopen.snapshot, timezone=reopen.timezone)
+                    extract.read_only(
+                        conn,
+                        snapshot=reopen.snapshot,
+                        timezone=reopen.timezone,
+                        sharded=reopen.sharded,
+                    )
                 )
                 prepared = prepare(conn)
             except SourceLostError as exc:
@@ -272,7 +278,12 @@ def _reconnect(
         try:
             conn = owned.enter_context(reopen.engine.connect())
             owned.enter_context(
-                extract.read_only(conn, snapshot=reopen.snapshot, timezone=reopen.timezone)
+                extract.read_only(
+                    conn,
+                    snapshot=reopen.snapshot,
+                    timezone=reopen.timezone,
+                    sharded=reopen.sharded,
+                )
             )
             src = extract.source_from(conn, mapping)
         except SOURCE_ERRORS as exc:

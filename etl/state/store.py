@@ -439,6 +439,17 @@ class StateStore:
                     )
                 )
 
+    def forget_parts(self, stream: str) -> None:
+        """Drop the checkpoints a parallel backfill's parts kept (`run.parallel`:
+        `STREAM~partIofN`), once the stream was read to its end, by any number of
+        workers."""
+        with self._write() as conn:
+            conn.execute(
+                sa.delete(streams_table).where(
+                    streams_table.c.stream.startswith(f"{stream}~part", autoescape=True)
+                )
+            )
+
     def reset(self, stream: str) -> int:
         """Forget everything about a stream; returns how many records it forgot."""
         with self._write() as conn:
@@ -446,7 +457,14 @@ class StateStore:
                 sa.delete(records_table).where(records_table.c.stream == stream)
             ).rowcount
             conn.execute(sa.delete(rejects_table).where(rejects_table.c.stream == stream))
-            conn.execute(sa.delete(streams_table).where(streams_table.c.stream == stream))
+            conn.execute(
+                sa.delete(streams_table).where(
+                    sa.or_(
+                        streams_table.c.stream == stream,
+                        streams_table.c.stream.startswith(f"{stream}~part", autoescape=True),
+                    )
+                )
+            )
             forgotten += conn.execute(
                 sa.delete(ledger_table).where(ledger_table.c.stream == stream)
             ).rowcount

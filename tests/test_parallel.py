@@ -1,0 +1,308 @@
+"""`--workers N`: a full read split between worker processes delivers exactly what
+one process would, resumes each part after a stop, and fails as its workers fail."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from support import TOKEN, cli_env, copy_mappings, run_cli, seed
+
+from etl import api
+from etl.errors import EtlError, FatalApiError, QueryError
+from etl.model import Shard
+from etl.receiver.faults import FaultPlan
+from etl.receiver.server import start_receiver
+from etl.run import parallel
+from etl.state.store import StateStore
+
+N_USERS = 1200
+SOURCES = [
+    pytest.param("sqlite_url", id="sqlite"),
+    pytest.param("pg_url", id="postgres", marks=pytest.mark.postgres),
+    pytest.param("mariadb_url", id="mariadb", marks=pytest.mark.mariadb),
+]
+
+
+def log_events(text: str, name: str) -> list[dict[str, Any]]:
+    lines = [json.loads(x) for x in text.splitlines() if x.startswith("{")]
+    return [e for e in lines if e.get("event") == name]
+
+
+def by_key(events: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Each (event type, key)'s event, with the fields that must match."""
+    out = {}
+    for e in events:
+        key = e["user_id"] if e["event_type"] == "user_identify" else e["account_id"]
+        out[(e["event_type"], key)] = {"event_id": e["event_id"], "traits": e["traits"]}
+    return out
+
+
+def library_args(source: str, state: str, mappings: Path, endpoint: str, **kw: Any) -> Any:
+    """The keyword arguments of api.sync/api.backfill for one test run."""
+    return {
+        "source_url": source,
+        "state_url": state,
+        "mappings_dir": mappings,
+        "endpoint": endpoint,
+        "token": TOKEN,
+        "api_key": "k",
+        "workspace_key": "w",
+        **kw,
+    }
+
+
+def part_rows(state_url: str) -> list[str]:
+    with sa.create_engine(state_url).connect() as conn:
+        return [
+            r[0]
+            for r in conn.execute(sa.text("SELECT stream FROM etl_streams WHERE stream LIKE '%~%'"))
+        ]
+
+
+def test_parts_split_a_share_into_disjoint_shards() -> None:
+    """Part p of P of the run's shard I/N is bucket ≡ I + N·p (mod N·P): the parts
+    of a share cover exactly its keys, each key once."""
+    keys = [f"key-{i}" for i in range(4000)]
+    for base in (None, Shard(1, 3)):
+        for parts in (2, 3):
+            owners = [
+                [p for p in range(parts) if parallel.part_shard(base, p, parts).owns(k)]
+                for k in keys
+            ]
+            share = [k for k in keys if base is None or base.owns(k)]
+            assert sum(len(o) for o in owners) == len(share)
+            assert all(len(o) == 1 for k, o in zip(keys, owners, strict=True) if k in share)
+            assert all(o for o in owners if o)  # every part has keys
+            assert {p for o in owners for p in o} == set(range(parts))
+    assert parallel.part_shard(None, 1, 2) == Shard(1, 2)
+    assert parallel.part_shard(Shard(2, 3), 1, 2) == Shard(5, 6)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_workers_deliver_what_one_process_delivers(
+    source: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A backfill by 3 workers sends the same events (same event ids, same traits)
+    and records the same state as one process; then `sync --full` by 3 workers finds
+    nothing changed, and a changed row is sent once."""
+    url = request.getfixturevalue(source)
+    seed(url, n_workspaces=12, n_users=N_USERS)
+    mappings = copy_mappings(tmp_path / "mappings", dialect=sa.make_url(url).get_backend_name())
+    delivered = {}
+    reports = {}
+    for workers in (1, 3):
+        state_url = f"sqlite:///{tmp_path / f'state-{workers}.db'}"
+        with start_receiver(store=tmp_path / f"rx-{workers}.db", tokens={TOKEN}) as rx:
+            common = library_args(url, state_url, mappings, rx.url, workers=workers)
+            reports[workers] = api.backfill(**common)
+            delivered[workers] = rx.events()
+            again = api.sync(full=True, **common)
+            assert [s.unchanged for s in again.streams] == [s.read for s in again.streams]
+            assert len(rx.events()) == len(delivered[workers])
+            assert part_rows(state_url) == []
+        store = StateStore(state_url, readonly=True)
+        try:
+            assert {s.stream: s.records for s in store.summary()} == {
+                "users": N_USERS,
+                "workspaces": 12,
+            }
+        finally:
+            store.close()
+    assert len(delivered[3]) == len(delivered[1]) == N_USERS + 12
+    assert by_key(delivered[3]) == by_key(delivered[1])
+    one, three = reports[1], reports[3]
+    assert [s.counts() for s in three.streams] == [s.counts() for s in one.streams]
+    assert all(s.full_read for s in three.streams)
+
+
+def test_each_worker_reads_its_own_share(tmp_path: Path, sqlite_url: str, receiver: Any) -> None:
+    """`stream.parts` says how many rows each worker read: about a third each, summing
+    to the table — and a shard's workers split only that shard's share."""
+    seed(sqlite_url, n_workspaces=5, n_users=N_USERS)
+    copy_mappings(tmp_path / "mappings")
+    env = cli_env(tmp_path, sqlite_url, receiver.url, ETL_WORKERS="3")
+    result = run_cli(["backfill", "--stream", "users"], env)
+    assert result.exit_code == 0, result.stderr
+    (parts,) = log_events(result.stderr, "stream.parts")
+    assert parts["workers"] == 3
+    assert sum(parts["read"]) == N_USERS
+    assert all(N_USERS / 6 < n < N_USERS / 2 for n in parts["read"])
+    assert log_events(result.stderr, "stream.parallel")[0]["workers"] == 3
+
+    env["ETL_STATE_URL"] = f"sqlite:///{tmp_path / 'shard.db'}"
+    sharded = run_cli(["backfill", "--stream", "users", "--shard", "1/2", "--workers", "2"], env)
+    assert sharded.exit_code == 0, sharded.stderr
+    (parts,) = log_events(sharded.stderr, "stream.parts")
+    share = sum(1 for k in range(N_USERS) if Shard(1, 2).owns(_user_key(k)))
+    assert sum(parts["read"]) == share
+
+
+def _user_key(i: int) -> str:
+    from support import user_id
+
+    return user_id(i)
+
+
+def test_a_failing_worker_fails_the_run_with_its_own_error(tmp_path: Path, sqlite_url: str) -> None:
+    """A token the API refuses: every worker stops at once with FatalApiError, and the
+    run raises that (exit 1 from the CLI), not a generic error; no watermark is saved."""
+    seed(sqlite_url, n_workspaces=3, n_users=300)
+    mappings = copy_mappings(tmp_path / "mappings")
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    with (
+        start_receiver(store=tmp_path / "rx.db", tokens={"another-token"}) as rx,
+        pytest.raises(FatalApiError, match=r"401|token"),
+    ):
+        api.backfill(**library_args(sqlite_url, state_url, mappings, rx.url, workers=2))
+    store = StateStore(state_url, readonly=True)
+    try:
+        assert all(s.watermark is None for s in store.summary())
+    finally:
+        store.close()
+
+
+def test_a_worker_that_dies_fails_the_run(
+    tmp_path: Path, sqlite_url: str, receiver: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed before it reports (kill -9, OOM): the run fails naming it and
+    saves no watermark; the next run delivers everything."""
+    seed(sqlite_url, n_workspaces=3, n_users=300)
+    mappings = copy_mappings(tmp_path / "mappings")
+    state_url = f"sqlite:///{tmp_path / 'state.db'}"
+    common = library_args(sqlite_url, state_url, mappings, receiver.url, workers=2)
+    # the workers are forked from this process: they inherit the patch
+    monkeypatch.setattr(parallel, "_peak_rss_mb", lambda: os.kill(os.getpid(), signal.SIGKILL))
+    with pytest.raises(EtlError, match=r"ended without a report \(killed by signal 9\)"):
+        api.backfill(**common)
+    monkeypatch.undo()
+    store = StateStore(state_url, readonly=True)
+    try:
+        assert all(s.watermark is None for s in store.summary())
+    finally:
+        store.close()
+    report = api.backfill(**common)
+    assert report.status == "ok"
+    users = {e["user_id"] for e in receiver.events() if e["event_type"] == "user_identify"}
+    assert len(users) == 300
+
+
+def etl_process(args: list[str], env: dict[str, str], tmp_path: Path, name: str) -> Any:
+    out = (tmp_path / f"{name}.out").open("wb")
+    err = (tmp_path / f"{name}.err").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etl", *args], env={**os.environ, **env}, stdout=out, stderr=err
+    )
+    out.close()
+    err.close()
+    return proc
+
+
+def part_checkpoints(state: Path) -> dict[str, list[Any]]:
+    if not state.exists():
+        return {}
+    conn = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = conn.execute(
+            "SELECT stream, checkpoint FROM etl_streams WHERE stream LIKE 'users~part%'"
+        ).fetchall()
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        conn.close()
+    return {name: json.loads(cp) for name, cp in rows if cp}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "kill-9"])
+def test_a_stopped_parallel_backfill_resumes_each_part(
+    how: signal.Signals, tmp_path: Path, sqlite_url: str
+) -> None:
+    """Stopped (SIGINT: after in-flight batches) or killed (-9: the workers die with
+    the parent) once both parts saved a checkpoint: the re-run resumes each part
+    after its own checkpoint, delivers every user, re-sends at most the batches that
+    were in flight, and drops the part checkpoints when done."""
+    n_users = 1500
+    seed(sqlite_url, n_workspaces=5, n_users=n_users)
+    copy_mappings(tmp_path / "mappings")
+    plan = FaultPlan.from_json('{"latency_ms": [15, 15]}')
+    state = tmp_path / "state.db"
+    with start_receiver(store=tmp_path / "rx.db", tokens={TOKEN}, faults=plan) as rx:
+        env = cli_env(
+            tmp_path, sqlite_url, rx.url, ETL_BATCH_SIZE="25", ETL_PAGE_SIZE="100", ETL_WORKERS="2"
+        )
+        proc = etl_process(["backfill", "--stream", "users"], env, tmp_path, "first")
+        try:
+            deadline = time.monotonic() + 30
+            while len(part_checkpoints(state)) < 2:
+                assert proc.poll() is None, "the backfill ended before both parts checkpointed"
+                assert time.monotonic() < deadline, "no part checkpoints within 30 s"
+                time.sleep(0.02)
+            proc.send_signal(how)
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert code == (1 if how == signal.SIGINT else -signal.SIGKILL)
+        time.sleep(0.2)  # a killed parent's workers are killed by the kernel
+        saved = part_checkpoints(state)
+        assert set(saved) == {"users~part0of2", "users~part1of2"}
+        sent_before = len(rx.events())
+        assert sent_before < n_users
+
+        second = etl_process(["backfill", "--stream", "users"], env, tmp_path, "second")
+        assert second.wait(timeout=60) == 0, (tmp_path / "second.err").read_text()
+        err = (tmp_path / "second.err").read_text()
+        resumed = sorted(e["after"] for e in log_events(err, "backfill.resume"))
+        assert resumed == sorted(saved.values())
+        (parts,) = log_events(err, "stream.parts")
+        assert sum(parts["read"]) < n_users  # acknowledged pages are not read again
+        counts = collections.Counter(e["user_id"] for e in rx.events())
+        assert len(counts) == n_users
+        assert sum(c - 1 for c in counts.values()) <= 2 * 2 * 25  # in flight, per worker
+    assert part_checkpoints(state) == {}
+    assert part_rows(f"sqlite:///{state}") == []
+
+
+def test_worker_errors_cross_the_pipe_as_they_were() -> None:
+    """An EtlError keeps its class, message and attributes through the pipe (QueryError
+    takes keyword-only arguments, which plain pickling would lose); a bug becomes an
+    EtlError with the worker's traceback."""
+    error = QueryError("boom", mapping_path="m.yml", stream="users", detail="no such table")
+    carried = pickle.loads(pickle.dumps(parallel._portable(error)))  # noqa: S301 - our own bytes
+    again = parallel._rebuilt(*carried)
+    assert type(again) is QueryError
+    assert str(again) == "boom"
+    assert (again.mapping_path, again.stream, again.detail) == ("m.yml", "users", "no such table")
+    try:
+        {}["missing"]
+    except KeyError as exc:
+        bug = parallel._rebuilt(*parallel._portable(exc))
+    assert type(bug) is EtlError
+    assert "KeyError" in str(bug)
+    assert "Traceback" in str(bug)
+
+
+def test_workers_option_is_checked(tmp_path: Path, sqlite_url: str, receiver: Any) -> None:
+    seed(sqlite_url, n_workspaces=2, n_users=5)
+    copy_mappings(tmp_path / "mappings")
+    env = cli_env(tmp_path, sqlite_url, receiver.url)
+    result = run_cli(["backfill", "--workers", "0"], env)
+    assert result.exit_code == 2
+    assert "--workers" in result.stderr
+    # a dry run never forks: it collects one report
+    diff = run_cli(["sync", "--dry-run", "--full", "--workers", "2"], env)
+    assert diff.exit_code == 0
+    assert log_events(diff.stderr, "stream.parallel") == []
