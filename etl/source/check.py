@@ -61,32 +61,35 @@ def prepare(engine: sa.Engine, mappings: Sequence[Mapping]) -> None:
     """Before anything is read or sent: prepare every stream's queries against the
     source, with no rows (`LIMIT 0`). A missing table or column or bad SQL raises
     one MappingError listing every problem (exit 2); a lost connection raises
-    SourceLostError like any read."""
+    SourceLostError like any read.
+
+    The stream's own page queries go first: when they run, every table, column,
+    expression and `where:` they name exists, which is the common case and costs
+    one query per read order. Only a stream whose queries fail is then checked
+    piece by piece (`check_one`), to name each problem."""
     problems: list[str] = []
     for mapping in mappings:
         where = f"{mapping.path}: stream {mapping.stream}"
-        with (
-            translated(where=where, doing="preparing its queries"),
-            engine.connect() as conn,
-            read_only(conn, timezone=mapping.timezone),
-        ):
-            found = check_one(conn, mapping)
-            if not found:
-                found = _prepare_reads(conn, mapping)
-            problems.extend(found)
+        with translated(where=where, doing="preparing its queries"):
+            found = _prepare_reads(engine, mapping)
+            if found:
+                # On a fresh connection: a failed query ends a PostgreSQL transaction.
+                with engine.connect() as conn, read_only(conn, timezone=mapping.timezone):
+                    found = check_one(conn, mapping) or found
+        problems.extend(found)
     if problems:
         raise MappingError(problems)
 
 
-def _prepare_reads(conn: Connection, mapping: Mapping) -> list[str]:
-    """The stream's page queries as a run sends them, with no rows."""
-    src = source_from(conn, mapping)
+def _prepare_reads(engine: sa.Engine, mapping: Mapping) -> list[str]:
+    """The stream's page queries as a run sends them, with no rows, then its
+    `related:` entries; the first problem found, or none."""
     orders: list[Order] = ["key", "cursor"] if mapping.cursor else ["key"]
-    for order in orders:
-        query = build_query(mapping, src, order=order, limit=0)
+    with engine.connect() as conn, read_only(conn, timezone=mapping.timezone):
         try:
-            with conn.begin_nested():
-                conn.execute(query).close()
+            src = source_from(conn, mapping)
+            for order in orders:
+                conn.execute(build_query(mapping, src, order=order, limit=0)).close()
         except sa.exc.DBAPIError as exc:
             if not is_bad_query(exc):
                 raise
@@ -95,7 +98,11 @@ def _prepare_reads(conn: Connection, mapping: Mapping) -> list[str]:
                 f"{driver_line(exc)} — check `key`, `cursor` and the traits "
                 "(etl validate --check-source)"
             ]
-    return []
+        return [
+            problem
+            for index, related in enumerate(mapping.related)
+            for problem in _check_related(conn, mapping, index, related)
+        ]
 
 
 def check_one(conn: Connection, mapping: Mapping) -> list[str]:
