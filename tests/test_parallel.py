@@ -183,7 +183,7 @@ def test_a_worker_that_dies_fails_the_run(
     state_url = f"sqlite:///{tmp_path / 'state.db'}"
     common = library_args(sqlite_url, state_url, mappings, receiver.url, workers=2)
     # the workers are forked from this process: they inherit the patch
-    monkeypatch.setattr(parallel, "_peak_rss_mb", lambda: os.kill(os.getpid(), signal.SIGKILL))
+    monkeypatch.setattr(parallel, "peak_rss_mb", lambda: os.kill(os.getpid(), signal.SIGKILL))
     with pytest.raises(EtlError, match=r"ended without a report \(killed by signal 9\)"):
         api.backfill(**common)
     monkeypatch.undo()

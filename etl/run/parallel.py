@@ -251,7 +251,7 @@ def _worker_main(part: Part, work: Callable[[Part], Any], pipe: Pipe) -> None:
         structlog.contextvars.bind_contextvars(part=f"{part.index}")
         with _worker_io(part, stop, pipe) as io:
             result = work(dataclasses.replace(part, io=io))
-        pipe.send(("done", PartResult(part.index, result, stop.is_set(), _peak_rss_mb())))
+        pipe.send(("done", PartResult(part.index, result, stop.is_set(), peak_rss_mb())))
     except BaseException as exc:  # every failure, a bug too, goes to the parent
         code = 1
         with contextlib.suppress(BaseException):
@@ -307,8 +307,8 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
-def _peak_rss_mb() -> float:
-    import resource  # noqa: PLC0415 - a worker's last step only
+def peak_rss_mb() -> float:
+    import resource  # noqa: PLC0415 - once a stream's parts are done, not on every start
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 

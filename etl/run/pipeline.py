@@ -441,6 +441,7 @@ def _read_in_parts(
         workers=parts,
         read=[p.counts.read for p in reads],
         peak_rss_mb=[r.peak_rss_mb for r in results],
+        parent_rss_mb=parallel.peak_rss_mb(),
     )
     horizon = _earliest([p.read.horizon for p in reads])
     _note_limits(horizon, io=io, bound=bound)
