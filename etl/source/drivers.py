@@ -30,6 +30,7 @@ def install(engine: sa.Engine) -> None:
         from etl.source import pgtypes  # noqa: PLC0415
 
         sa.event.listen(engine, "connect", pgtypes.hooks)
+        sa.event.listen(engine, "before_cursor_execute", pgtypes.fast_datetimes)
     elif backend == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_hooks)
 

@@ -278,7 +278,7 @@ def read_pages(
             shard=shard,
             upper=upper,
         )
-        rows = _fetch_page(execute(conn, mapping, query, doing=_reading(mapping, order)))
+        rows = fetch_page(conn, mapping, query, doing=_reading(mapping, order))
         if rows:
             yield rows
         if len(rows) < limit:
@@ -410,7 +410,7 @@ def read_keys(
         query = query.where(columns[0].in_([k[0] for k in keys]))
     else:
         query = query.where(sa.tuple_(*columns).in_([tuple(k) for k in keys]))
-    return _fetch_page(execute(conn, mapping, query, doing="re-reading records by key"))
+    return fetch_page(conn, mapping, query, doing="re-reading records by key")
 
 
 def related_mapping(mapping: Mapping, related: Related) -> Mapping:
@@ -460,6 +460,30 @@ def read_related_keys(
             yield [tuple(row) for row in partition]
     finally:
         result.close()
+
+
+# The execution option that has a page's datetimes loaded by psycopg's own
+# loaders (etl.source.pgtypes.fast_datetimes), not etl's ±infinity ones.
+FAST_DATETIMES = "etl_fast_datetimes"
+
+
+def fetch_page(
+    conn: Connection, mapping: Mapping, query: sa.Select[Any], *, doing: str
+) -> list[tuple[Any, ...]]:
+    """All rows of one page (a bounded query).
+
+    With psycopg, the page is first read with psycopg's own datetime loaders
+    (etl.source.pgtypes): cheaper on every row than etl's, which load ±infinity
+    too. A page they refuse (psycopg.DataError) is read again with etl's, in the
+    same transaction: nothing was sent to the server that could abort it.
+    """
+    if conn.dialect.driver != "psycopg":
+        return _fetch_page(execute(conn, mapping, query, doing=doing))
+    fast = query.execution_options(**{FAST_DATETIMES: True})
+    try:
+        return _fetch_page(execute(conn, mapping, fast, doing=doing))
+    except conn.dialect.loaded_dbapi.DataError:
+        return _fetch_page(execute(conn, mapping, query, doing=doing))
 
 
 def _fetch_page(result: sa.CursorResult[Any]) -> list[tuple[Any, ...]]:
