@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import orjson
@@ -83,6 +84,29 @@ def row_fingerprint(row: Sequence[Any], salt: bytes) -> str:
         except TypeError:  # an int past 64 bits, a str with lone surrogates...
             data = repr(tuple(row)).encode("utf-8", "backslashreplace")
     return hashlib.blake2b(salt + data, digest_size=16).hexdigest()
+
+
+def row_fingerprints(rows: Sequence[Sequence[Any]], salt: bytes) -> list[str]:
+    """`row_fingerprint` of each row of a page: the same digests, with what it
+    pays per row paid once a page (the hot path of every full read). The look
+    for a float goes over the page's values in one pass: a page without one
+    (the common case) needs no per-row look, and the salt is hashed once.
+    """
+    if float in map(type, chain.from_iterable(rows)):
+        return [row_fingerprint(row, salt) for row in rows]
+    salted = hashlib.blake2b(salt, digest_size=16)
+    dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
+    digests = []
+    for row in rows:
+        try:
+            data = dumps(row, default=_as_text, option=option)
+        except TypeError:
+            digests.append(row_fingerprint(row, salt))
+            continue
+        digest = salted.copy()
+        digest.update(data)
+        digests.append(digest.hexdigest())
+    return digests
 
 
 def _as_text(value: Any) -> str:
