@@ -81,7 +81,8 @@ def events(
             body = event_body(record.canonical, event_id=eid, context=context)
             # a gone record has no row: no digest, so a key that comes back is re-mapped
             sent = Sent(record.key, digest, record.canonical, eid, source_hash or None)
-            yield Outgoing(key=record.key, event_id=eid, body=body, ref=ledger.ref(sent, row))
+            # positional: a named tuple built by keywords costs 0.2 us more an event
+            yield Outgoing(record.key, eid, body, ledger.ref(sent, row))
         if invalid:
             ledger.invalid(invalid)
         ledger.page_done(page.last_key_values)
