@@ -58,6 +58,10 @@ class MemoryState:
                 out[key] = LastSent(sent.hash, payload, sent.source_hash, sent.event_id)
         return out
 
+    def any_sent(self, stream: str) -> bool:
+        self._called("any_sent", stream)
+        return any(name == stream for name, _ in self.records)
+
     def sent_keys(self, stream: str) -> Iterator[str]:
         self._called("sent_keys", stream)
         return iter([key for (name, key) in self.records if name == stream])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+import pytest
 from memory_state import MemoryState
 from test_run_core import WORKSPACES, mapping, row, send_all
 
@@ -127,6 +128,30 @@ def test_gone_keys_get_the_on_gone_payload_once() -> None:
     again = [c for page in pages for c, _, _ in page.changes if c.kind == "gone"]
     assert counts.gone == 1
     assert [c.record.payload for c in again] == [None]
+
+
+def test_a_stream_never_sent_before_has_nothing_gone_and_keeps_no_key_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A first backfill: every key the state store will hold is one this read sends,
+    so with_gone passes the pages on as they are, without noting a key; once a key
+    was sent, the next full read notes them again and finds what is gone."""
+    m = mapping(WORKSPACES + ON_GONE)
+    state = MemoryState()
+    plan = plan_of(m, None, mode="full")
+    noted: list[list[str]] = []
+    monkeypatch.setattr(SeenKeys, "add", lambda self, keys: noted.append(keys))
+    counts = Counts()
+    pages = classify(iter([[row(1), row(2)]]), plan=plan, state=state, counts=counts)
+    read = list(with_gone(pages, plan=plan, state=state, counts=counts, stop=threading.Event()))
+    assert [key for page in read for key, _ in page.keyed] == ["w1", "w2"]
+    assert (noted, counts.gone) == ([], 0)
+    send_all(state, plan, [[row(1)]])
+    monkeypatch.undo()
+    counts = Counts()
+    pages = classify(iter([[row(2)]]), plan=plan, state=state, counts=counts)
+    list(with_gone(pages, plan=plan, state=state, counts=counts, stop=threading.Event()))
+    assert counts.gone == 1
 
 
 def send_all_gone(state: MemoryState, plan: StreamPlan, gone: list[Change]) -> None:

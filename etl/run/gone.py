@@ -89,7 +89,12 @@ def with_gone(
     stop: threading.Event,
 ) -> Iterator[ClassifiedPage]:
     """`pages`, then (when the read ran to its end) one page of `gone` changes per
-    chunk of gone keys. Counts every gone key in `counts.gone`."""
+    chunk of gone keys. Counts every gone key in `counts.gone`. A stream with no
+    key sent before this read (a first backfill) has nothing that can be gone:
+    every key in the state store then was sent by this read, so was read."""
+    if not state.any_sent(plan.mapping.stream):
+        yield from pages
+        return
     seen = SeenKeys()
     try:
         for page in pages:

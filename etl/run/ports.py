@@ -38,6 +38,10 @@ class StatePort(Protocol):
         """What was last acknowledged for these keys (one page of them)."""
         ...
 
+    def any_sent(self, stream: str) -> bool:
+        """Whether any key of the stream was ever acknowledged."""
+        ...
+
     def sent_keys(self, stream: str) -> Iterator[str]:
         """Every key ever acknowledged for a stream."""
         ...

@@ -517,6 +517,16 @@ class StateStore:
         make = LastSent._make
         return {r[0]: make((r[1], None, r[2], r[3])) for r in rows}
 
+    def any_sent(self, stream: str) -> bool:
+        """Whether any key of the stream was ever acknowledged."""
+        if self._engine is None:
+            return False
+        with self._begin() as conn:
+            first = conn.execute(
+                sa.select(records_table.c.key).where(records_table.c.stream == stream).limit(1)
+            ).first()
+        return first is not None
+
     def sent_keys(self, stream: str) -> Iterator[str]:
         """Every key ever acknowledged for a stream (for `diff --full`'s "gone")."""
         if self._engine is None:
