@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,60 @@ def test_a_batch_is_committed_and_looked_up_by_page(store: StateStore) -> None:
     store.commit_batch("users", [Sent("k0", "h0b", b"{}", "e0b")])
     assert store.last_sent("users", ["k0"])["k0"].hash == "h0b"
     assert sorted(store.sent_keys("users")) == ["k0", "k1", "k2"]
+
+
+def committed_in_the_file(path: Path) -> int:
+    """Records in the SQLite file itself, not counting what is still in its WAL."""
+    conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True)
+    try:
+        return int(conn.execute("SELECT count(*) FROM etl_records").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_committed_batches_are_copied_back_from_the_wal_while_the_store_is_open(
+    tmp_path: Path,
+) -> None:
+    """A SQLite store checkpoints each committed batch on its own thread: the records
+    reach the database file before the store is closed (a close then has little to
+    copy back)."""
+    path = tmp_path / "state.db"
+    store = StateStore(f"sqlite:///{path}")
+    try:
+        store.commit_batch("users", [Sent(f"k{i}", "h", b"{}", "e") for i in range(300)])
+        assert store._checkpointer is not None
+        store._checkpointer.settle()
+        assert committed_in_the_file(path) == 300
+    finally:
+        store.close()
+    assert committed_in_the_file(path) == 300
+
+
+def test_a_forked_process_opens_and_writes_the_store_while_its_checkpoints_run(
+    tmp_path: Path,
+) -> None:
+    """A process forked while the parent's checkpoint thread runs (`--workers`)
+    opens the same store, commits and closes it; the parent reads its records."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    store = StateStore(url)
+    try:
+        for batch in range(5):
+            store.commit_batch("users", [Sent(f"p{batch}-{i}", "h", b"{}", "e") for i in range(50)])
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 1
+            try:
+                child = StateStore(url)
+                child.commit_batch("users", [Sent(f"c{i}", "h", b"{}", "e") for i in range(50)])
+                child.close()
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert len(store.last_sent("users", [f"c{i}" for i in range(50)])) == 50
+    finally:
+        store.close()
 
 
 def test_rejects_are_kept_counted_and_cleared_on_success(store: StateStore) -> None:

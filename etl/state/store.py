@@ -43,6 +43,7 @@ from etl.state.schema import (
     track_table,
     upsert,
 )
+from etl.state.wal import Checkpointer
 
 UTC = dt.UTC
 
@@ -250,8 +251,17 @@ class StateStore:
             raise UsageError(
                 f"--state: {exc} — use sqlite:///PATH or postgresql+psycopg://user@host/db"
             ) from None
+        # a SQLite store copies its WAL back on a thread of its own (etl.state.wal)
+        engine = self._engine
+        self._checkpointer = (
+            Checkpointer(engine)
+            if engine is not None and not readonly and engine.dialect.name == "sqlite"
+            else None
+        )
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self.release()
         if self._engine is not None:
             self._engine.dispose()
@@ -292,6 +302,11 @@ class StateStore:
                 raise StateError(
                     f"state store {safe_url(self.url)}: " + lock_lost_message(first_line(exc.orig))
                 ) from None
+
+    def _written(self) -> None:
+        """A batch was committed: a SQLite store's checkpoint thread copies it back."""
+        if self._checkpointer is not None:
+            self._checkpointer.nudge()
 
     # ------------------------------------------------------------ the lock
 
@@ -564,6 +579,7 @@ class StateStore:
                     )
             for r in rejected:
                 self._reject(conn, stream, r, now)
+        self._written()
 
     def forget_rejects(self, stream: str, keys: Sequence[str]) -> None:
         """Drop pending rejects that no longer need retrying, in one transaction."""
@@ -744,6 +760,7 @@ class StateStore:
                 )
             for r in rejected:
                 self._reject(conn, stream, r, now)
+        self._written()
 
     def prune_ledger(self, stream: str, owner: str, *, below: str, at_least: str = "") -> int:
         """Forget `owner`'s sent keys positioned in [at_least, below); how many."""
