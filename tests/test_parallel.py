@@ -64,11 +64,13 @@ def library_args(source: str, state: str, mappings: Path, endpoint: str, **kw: A
 
 
 def part_rows(state_url: str) -> list[str]:
-    with sa.create_engine(state_url).connect() as conn:
-        return [
-            r[0]
-            for r in conn.execute(sa.text("SELECT stream FROM etl_streams WHERE stream LIKE '%~%'"))
-        ]
+    engine = sa.create_engine(state_url)
+    try:
+        with engine.connect() as conn:
+            query = sa.text("SELECT stream FROM etl_streams WHERE stream LIKE '%~%'")
+            return [r[0] for r in conn.execute(query)]
+    finally:
+        engine.dispose()
 
 
 def test_parts_split_a_share_into_disjoint_shards() -> None:
@@ -95,8 +97,8 @@ def test_workers_deliver_what_one_process_delivers(
     source: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A backfill by 3 workers sends the same events (same event ids, same traits)
-    and records the same state as one process; then `sync --full` by 3 workers finds
-    nothing changed, and a changed row is sent once."""
+    and records the same state (a SQLite file, or PostgreSQL) as one process; then
+    `sync --full` by 3 workers finds nothing changed and sends nothing."""
     url = request.getfixturevalue(source)
     seed(url, n_workspaces=12, n_users=N_USERS)
     mappings = copy_mappings(tmp_path / "mappings", dialect=sa.make_url(url).get_backend_name())
@@ -104,6 +106,8 @@ def test_workers_deliver_what_one_process_delivers(
     reports = {}
     for workers in (1, 3):
         state_url = f"sqlite:///{tmp_path / f'state-{workers}.db'}"
+        if workers > 1 and source == "pg_url":  # the workers share a PostgreSQL store too
+            state_url = request.getfixturevalue("pg_state")
         with start_receiver(store=tmp_path / f"rx-{workers}.db", tokens={TOKEN}) as rx:
             common = library_args(url, state_url, mappings, rx.url, workers=workers)
             reports[workers] = api.backfill(**common)
