@@ -143,7 +143,7 @@ def read_in_parts(
             part = _part(plan, index, parts, restart=options.restart, io=io)
             process = context.Process(
                 target=_worker_main,
-                args=(part, work, theirs),
+                args=(part, work, theirs, os.getpid()),
                 name=f"etl-{plan.mapping.stream}-part{index}",
                 daemon=False,
             )
@@ -236,11 +236,11 @@ def _receive(pipe: Pipe, worker: _Worker) -> tuple[Any, ...]:
 # ---------------------------------------------------------------- in the worker
 
 
-def _worker_main(part: Part, work: Callable[[Part], Any], pipe: Pipe) -> None:
+def _worker_main(part: Part, work: Callable[[Part], Any], pipe: Pipe, parent: int) -> None:
     """A forked worker's whole life: fresh I/O, the work, one report, `os._exit`."""
     code = 0
     try:
-        _die_with_parent()
+        _die_with_parent(parent)
         stop = threading.Event()
 
         def on_signal(_signum: int, _frame: Any) -> None:
@@ -248,7 +248,8 @@ def _worker_main(part: Part, work: Callable[[Part], Any], pipe: Pipe) -> None:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        structlog.contextvars.bind_contextvars(part=f"{part.index}")
+        # every log line of the worker says which part it is (the libraries' too)
+        structlog.contextvars.bind_contextvars(part=f"{part.index}/{part.parts}")
         with _worker_io(part, stop, pipe) as io:
             result = work(dataclasses.replace(part, io=io))
         pipe.send(("done", PartResult(part.index, result, stop.is_set(), peak_rss_mb())))
@@ -296,15 +297,16 @@ def _worker_io(part: Part, stop: threading.Event, pipe: Pipe) -> Iterator[Collab
         store.close()
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this worker if the parent dies (kill -9, OOM): a worker must
-    not go on writing a state store whose run lock is gone. Elsewhere the parent's
-    `finally` is all there is."""
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to kill this worker when the parent (pid `parent`) dies (kill -9,
+    OOM): a worker must not go on writing a state store whose run lock is gone.
+    Elsewhere the parent's `finally` is all there is. (The parent may be PID 1 in a
+    container: compare with its pid, not with 1.)"""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent died before the call
-            os._exit(1)
+    if os.getppid() != parent:  # the parent died before the call took effect
+        os._exit(1)
 
 
 def peak_rss_mb() -> float:

@@ -414,7 +414,7 @@ def _read_in_parts(
             previous=previous,
             options=options,
             io=part.io,
-            bound=bound.bind(part=f"{part.index}/{parts}"),
+            bound=bound,
             note_limits=False,
         )
         return _PartRead(read, part_counts, part_ledger.rejected, part_ledger.rejected_records)
