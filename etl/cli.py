@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -37,7 +37,6 @@ from etl.errors import (
 )
 from etl.mapping.schema import SCHEMA_FILE, mapping_schema_text
 from etl.model import RunReport
-from etl.monitor import metrics, notify, outcome
 from etl.report import render as report
 from etl.report.common import MORE_HINT
 from etl.settings import (
@@ -54,6 +53,9 @@ from etl.settings import (
     duration_text,
 )
 from etl.state.store import StateStore, StreamSummary, encode_watermark
+
+if TYPE_CHECKING:  # imported by a monitored run only (_monitored): every import costs every run
+    from etl.monitor import outcome
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_LOCKED = 0, 1, 2, 3, 4
 EXIT_CODES: tuple[tuple[type[EtlError], int], ...] = (
@@ -749,12 +751,14 @@ def _monitored(command: str, kw: dict[str, Any], call: Callable[[], RunReport]) 
     --notify-url. Exit 4 does neither: the run holding the lock will, when it ends."""
     metrics_file: Path | None = kw["metrics_file"]
     notify_url: str | None = kw["notify_url"] or None
+    if metrics_file is None and notify_url is None:
+        return call()
+    from etl.monitor import metrics, notify, outcome  # noqa: PLC0415 - a monitored run's only
+
     if metrics_file is not None:
         metrics.check_metrics_path(metrics_file)
     if notify_url is not None:
         notify.check_notify_url(notify_url)
-    if metrics_file is None and notify_url is None:
-        return call()
     started = time.time()
     try:
         run = call()
@@ -777,6 +781,8 @@ def _publish(
     result: outcome.RunOutcome, *, metrics_file: Path | None, notify_url: str | None
 ) -> None:
     """Write the metrics file, send the notification; either failing is only a warning."""
+    from etl.monitor import metrics, notify  # noqa: PLC0415 - a monitored run's only
+
     if metrics_file is not None:
         try:
             metrics.write_metrics_file(metrics_file, result)

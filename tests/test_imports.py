@@ -16,6 +16,12 @@ LAZY = (
     "etl.source.scaffold",
     "etl.report.html",  # diff --format html
     "etl.receiver",  # etl receiver
+    "etl.run.track",  # track streams
+    "etl.run.parallel",  # --workers
+    "multiprocessing",
+    "etl.run.gone",  # full reads that find gone keys
+    "etl.run.dryrun",  # diff, sync --dry-run
+    "etl.monitor",  # --metrics-file, --notify-url
     "jsonschema",  # never at runtime (tests only)
 )
 
@@ -34,7 +40,8 @@ print(",".join(name for name in {lazy!r} if name in sys.modules))
 
 def test_the_cli_and_a_sqlite_source_load_none_of_the_lazy_modules() -> None:
     """Importing the command line and reading a SQLite source loads neither psycopg
-    nor the modules of validate, init, the HTML diff or the receiver."""
+    nor the modules of validate, init, the HTML diff, the receiver, track streams,
+    worker processes, gone keys, dry runs or monitoring."""
     probe = PROBE.format(lazy=LAZY)
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60

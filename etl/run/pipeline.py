@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
@@ -43,7 +43,6 @@ from etl.model import (
     StreamReport,
     Watermark,
 )
-from etl.run import parallel
 from etl.run.classify import (
     MAX_LISTED,
     ClassifiedPage,
@@ -53,19 +52,23 @@ from etl.run.classify import (
     Row,
     classify,
 )
-from etl.run.dryrun import DryRun, collect
-from etl.run.gone import with_gone
 from etl.run.ledger import Ledger
 from etl.run.options import Collaborators, Progress, RunOptions
 from etl.run.plan import StreamPlan, plan_stream, state_name_of
 from etl.run.send import send
-from etl.run.track import check_track_run, run_track_stream
 from etl.run.transform import record_key
 from etl.source import extract, resume
 from etl.source.check import explain_failure
 from etl.source.errors import SOURCE_ERRORS, driver_line, is_bad_query, source_error, translated
 from etl.source.horizon import Horizon, lower_bound, safe_horizon
 from etl.state.store import StreamState
+
+# Imported where used: track streams, worker processes, full reads that find gone
+# keys and dry runs are not every run's, and a no-change sync pays every import
+# (~25 ms for these four and what they pull in: docs/performance.md, "Fixed cost").
+if TYPE_CHECKING:
+    from etl.run import parallel
+    from etl.run.dryrun import DryRun
 
 log: FilteringBoundLogger = structlog.get_logger("etl")
 
@@ -75,7 +78,10 @@ def run(
 ) -> tuple[RunReport, DiffReport | None]:
     """Run every stream in order (accounts first: mapping.py sorted them)."""
     state = io.state
-    check_track_run(mappings, options, io)
+    if any(m.track is not None for m in mappings):
+        from etl.run.track import check_track_run  # noqa: PLC0415 - see TYPE_CHECKING above
+
+        check_track_run(mappings, options, io)
     run_id = (
         None if options.dry_run else state.start_run(command, options.mode, shard=options.shard)
     )
@@ -149,7 +155,11 @@ def run_stream(
 ) -> tuple[StreamReport, DiffStream | None]:
     """One stream: read what may have changed, diff it, send it, remember it."""
     # a track stream has its own path: no diff, a ledger of keys sent (SPEC §10)
-    one_stream = run_track_stream if mapping.track is not None else _run_stream
+    one_stream = _run_stream
+    if mapping.track is not None:
+        from etl.run.track import run_track_stream  # noqa: PLC0415 - see TYPE_CHECKING above
+
+        one_stream = run_track_stream
     try:
         # Any source error not already classified where it happened (opening the
         # snapshot, the horizon, closing) is classified here: never a traceback.
@@ -332,6 +342,8 @@ def _read(
                 duplicates=duplicates,
             )
             if plan.finds_gone:
+                from etl.run.gone import with_gone  # noqa: PLC0415 - see TYPE_CHECKING above
+
                 classified = with_gone(
                     classified, plan=plan, state=io.state, counts=counts, stop=io.stop
                 )
@@ -353,7 +365,11 @@ def _parts(
     """Into how many worker processes this stream's read is split (1: read here),
     and the rows estimated (for progress): a full read of at least
     `options.parallel_min_rows` rows, when `options.workers` allows more than one."""
-    if options.workers <= 1 or parallel.can_split(plan, io) is not None:
+    if options.workers <= 1 or not plan.full_read:  # parallel.can_split's first test
+        return 1, None
+    from etl.run import parallel  # noqa: PLC0415 - see TYPE_CHECKING above
+
+    if parallel.can_split(plan, io) is not None:
         return 1, None
     mapping = plan.mapping
     total = None
@@ -393,6 +409,8 @@ def _read_in_parts(
     classifies, sends and records its part; their counts, ledgers and horizons are
     merged here into `counts`, `ledger` and one `_Read` (the earliest horizon: the
     watermark must not pass what any part's snapshot saw)."""
+    from etl.run import parallel  # noqa: PLC0415 - see TYPE_CHECKING above
+
     mapping = plan.mapping
 
     def work(part: parallel.Part) -> _PartRead:
@@ -615,6 +633,8 @@ def _act(
 ) -> tuple[DryRun | None, DeliveryStats]:
     """Send what changed (the ledger records it), or collect a dry run's records."""
     if plan.dry_run:
+        from etl.run.dryrun import collect  # noqa: PLC0415 - see TYPE_CHECKING above
+
         dry = collect(
             pages,
             plan=plan,
