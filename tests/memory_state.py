@@ -114,11 +114,6 @@ class MemoryState:
             updated_at=T0,
         )
 
-    def forget_parts(self, stream: str) -> None:
-        self._called("forget_parts", stream)
-        for name in [n for n in self.streams if n.startswith(f"{stream}~part")]:
-            del self.streams[name]
-
     def save_watermark(
         self,
         stream: str,
@@ -144,6 +139,8 @@ class MemoryState:
             first_run_at=(old.first_run_at if old else None) or dt.datetime.now(dt.UTC),
             related=marks if related is not None else (old.related if old else {}),
         )
+        for name in [n for n in self.streams if n.startswith(f"{stream}~part")]:
+            del self.streams[name]  # a parallel backfill's parts, as the real store
 
     def start_run(self, command: str, mode: str, *, shard: Shard | None = None) -> int | None:
         self.runs.append({"command": command, "mode": mode, "status": "running"})

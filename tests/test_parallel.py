@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from support import TOKEN, cli_env, copy_mappings, run_cli, seed
 
 from etl import api
-from etl.errors import EtlError, FatalApiError, QueryError
+from etl.errors import EtlError, FatalApiError, QueryError, StateError
 from etl.model import Shard
 from etl.receiver.faults import FaultPlan
 from etl.receiver.server import start_receiver
@@ -310,3 +310,150 @@ def test_workers_option_is_checked(tmp_path: Path, sqlite_url: str, receiver: An
     diff = run_cli(["sync", "--dry-run", "--full", "--workers", "2"], env)
     assert diff.exit_code == 0
     assert log_events(diff.stderr, "stream.parallel") == []
+
+
+CODES = """\
+stream: codes
+event_type: user_identify
+source: {table: codes}
+key: code
+cursor: updated_at
+user_id: code
+account_id: account
+traits:
+  email: email
+  name: email
+  created_at: {column: updated_at, type: datetime}
+on_gone:
+  traits: {deleted: true}
+"""
+
+
+@pytest.mark.postgres
+def test_a_key_the_database_spells_otherwise_is_never_split_or_sharded(
+    tmp_path: Path, pg_url: str, receiver: Any
+) -> None:
+    """A char(n) key: PostgreSQL hashes the trimmed text, its driver returns the padded
+    one, so SQL and Python disagree on the part a key is in. Workers would call live
+    records gone; such a stream is read in one process (a warning says why), and
+    `--shard` refuses it with the fix (exit 2)."""
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "CREATE TABLE codes (code char(8) PRIMARY KEY, account text, email text, "
+                    "updated_at timestamptz DEFAULT now())"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO codes (code, account, email) SELECT 'c' || g, 'a', "
+                    "'c' || g || '@example.com' FROM generate_series(1, 300) g"
+                )
+            )
+    finally:
+        engine.dispose()
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "codes.yml").write_text(CODES)
+    env = cli_env(tmp_path, pg_url, receiver.url, ETL_WORKERS="2")
+    first = run_cli(["backfill"], env)
+    assert first.exit_code == 0, first.stderr
+    (skipped,) = log_events(first.stderr, "stream.parallel_skipped")
+    assert "char(n)" in skipped["reason"]
+    again = run_cli(["sync", "--full"], env)
+    assert again.exit_code == 0, again.stderr
+    (done,) = log_events(again.stderr, "stream.done")
+    assert (done["read"], done["unchanged"], done["gone"], done["sent"]) == (300, 300, 0, 0)
+    assert len(receiver.events()) == 300
+
+    sharded = run_cli(["sync", "--full", "--shard", "0/2", "--workers", "1"], env)
+    assert sharded.exit_code == 2
+    assert "hashed differently" in sharded.stderr
+    assert "CAST(TRIM(code) AS TEXT)" in sharded.stderr
+
+
+def test_part_checkpoints_end_with_any_full_read_and_with_reset(
+    tmp_path: Path, sqlite_url: str, receiver: Any
+) -> None:
+    """Part checkpoints left by a stopped parallel backfill are spent once the stream
+    is read to its end by any run (here a one-process `sync --full`): a later backfill
+    starts over rather than resume from them. `state reset` forgets a stream's shard
+    states and their parts too."""
+    seed(sqlite_url, n_workspaces=3, n_users=50)
+    copy_mappings(tmp_path / "mappings")
+    env = cli_env(tmp_path, sqlite_url, receiver.url)
+    state_url = env["ETL_STATE_URL"]
+    store = StateStore(state_url)
+    try:
+        for name in ("users~part0of2", "users#0/2", "users#0/2~part1of2", "workspaces~part0of2"):
+            store.save_checkpoint(name, ["u-0"])
+    finally:
+        store.close()
+    assert run_cli(["sync", "--full", "--workers", "1", "--stream", "users"], env).exit_code == 0
+    assert sorted(part_rows(state_url)) == ["users#0/2~part1of2", "workspaces~part0of2"]
+    backfill = run_cli(["backfill", "--workers", "2", "--stream", "users"], env)
+    assert backfill.exit_code == 0, backfill.stderr
+    assert log_events(backfill.stderr, "backfill.resume") == []
+    reset = run_cli(["state", "reset", "--stream", "users"], env)
+    assert reset.exit_code == 0, reset.stderr
+    assert part_rows(state_url) == ["workspaces~part0of2"]
+    engine = sa.create_engine(state_url)
+    try:
+        with engine.connect() as conn:
+            names = [r[0] for r in conn.execute(sa.text("SELECT stream FROM etl_streams"))]
+    finally:
+        engine.dispose()
+    assert not [n for n in names if n.startswith("users")]
+
+
+@pytest.mark.postgres
+def test_workers_are_killed_when_the_run_lock_is_lost(
+    tmp_path: Path, sqlite_url: str, pg_state: str
+) -> None:
+    """A PostgreSQL store's lock lives on the parent's session: when that session is
+    terminated (a failover, an idle timeout), the workers stop writing at once and
+    the run fails with the lock-lost error; nothing is written without the lock."""
+    seed(sqlite_url, n_workspaces=3, n_users=4000)
+    mappings = copy_mappings(tmp_path / "mappings")
+    plan = FaultPlan.from_json('{"latency_ms": [50, 50]}')  # ~800 events/s: ~5 s in all
+    state_db = sa.make_url(pg_state).database
+    killed: list[int] = []
+
+    def kill_lock_session(_stream: str, done: int, _total: int | None) -> None:
+        if done >= 200 and not killed:
+            engine = sa.create_engine(pg_state)
+            try:
+                with engine.begin() as conn:
+                    pids = conn.execute(
+                        sa.text(
+                            "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                            "WHERE l.locktype = 'advisory' AND a.datname = :db"
+                        ),
+                        {"db": state_db},
+                    ).scalars()
+                    for pid in pids:
+                        conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                        killed.append(pid)
+            finally:
+                engine.dispose()
+
+    with start_receiver(store=tmp_path / "rx.db", tokens={TOKEN}, faults=plan) as rx:
+        with pytest.raises(StateError, match="session holding the run lock was lost"):
+            api.backfill(
+                **library_args(sqlite_url, pg_state, mappings, rx.url, workers=2, batch_size=10),
+                streams=["users"],
+                progress=kill_lock_session,
+            )
+        delivered = len(rx.events())
+    assert killed
+    assert delivered < 4000  # the workers were killed, not let run to the end
+
+
+def test_a_bug_in_a_worker_never_shows_the_token() -> None:
+    try:
+        raise RuntimeError(f"GET http://127.0.0.1/api/v1/s2s/event?token={TOKEN} failed")
+    except RuntimeError as exc:
+        bug = parallel._rebuilt(*parallel._portable(exc))
+    assert TOKEN not in str(bug)
+    assert "token=***" in str(bug)

@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ from typing import Any, Generic, TypeVar, cast
 import structlog
 from structlog.typing import FilteringBoundLogger
 
+from etl import redact
 from etl.delivery.load import LazyClient, RateLimiter
-from etl.errors import EtlError
+from etl.errors import EtlError, StateError
 from etl.model import Shard
 from etl.run.options import Collaborators, RunOptions
 from etl.run.plan import StreamPlan
@@ -56,8 +58,11 @@ log: FilteringBoundLogger = structlog.get_logger("etl")
 
 R = TypeVar("R")
 
-# How often the parent looks at its stop event while the workers run (seconds).
+# How often the parent looks at its stop event while the workers run (seconds),
+# and at the session holding a PostgreSQL store's run lock.
 POLL_SECONDS = 0.2
+LOCK_CHECK_SECONDS = 1.0
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 # Linux's prctl(PR_SET_PDEATHSIG): a worker is killed when the parent dies.
 PR_SET_PDEATHSIG = 1
 
@@ -128,15 +133,19 @@ def read_in_parts(
     on_progress: Callable[[int], None] | None = None,
 ) -> list[PartResult[R]]:
     """Run `work` on each of `parts` parts of the stream, each in a forked worker;
-    the parts' results in part order. The first worker error is raised (as the
-    worker raised it) once every worker has ended: the others are stopped as by a
-    signal, after their in-flight batches. `on_progress` gets the rows read so far,
-    summed over the parts."""
+    the parts' results in part order. The first worker error to arrive is raised
+    (as the worker raised it) once every worker has ended: the others are stopped as
+    by a signal, after their in-flight batches. A PostgreSQL store's run lock is
+    checked while they run: if its session is lost, the workers are killed at once
+    (another run may hold the lock by now). `on_progress` gets the rows read so
+    far, summed over the parts."""
+    store = io.state
+    assert isinstance(store, StateStore)  # noqa: S101 - can_split() checked it
     context = multiprocessing.get_context("fork")
     workers: dict[Pipe, _Worker] = {}
     read = [0] * parts
     results: list[PartResult[R] | None] = [None] * parts
-    failures: list[tuple[int, BaseException]] = []
+    failures: list[BaseException] = []
     try:
         for index in range(parts):
             ours, theirs = context.Pipe(duplex=False)
@@ -147,10 +156,17 @@ def read_in_parts(
                 name=f"etl-{plan.mapping.stream}-part{index}",
                 daemon=False,
             )
-            process.start()
+            # A signal between the fork and the worker's own handlers would reach the
+            # parent's handler in the worker, and be lost: held until the worker is ready.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             theirs.close()
             workers[ours] = _Worker(index, process)
         stopping = False
+        checked = time.monotonic()
         while workers:
             for ready in wait(list(workers), timeout=POLL_SECONDS):
                 pipe = cast(Pipe, ready)
@@ -168,7 +184,16 @@ def read_in_parts(
                 if kind == "done":
                     results[worker.index] = message[1]
                 else:
-                    failures.append((worker.index, _rebuilt(*message[1])))
+                    failures.append(_rebuilt(*message[1]))
+            if time.monotonic() - checked >= LOCK_CHECK_SECONDS:
+                checked = time.monotonic()
+                try:
+                    store.check_lock()
+                except StateError as exc:
+                    failures.insert(0, exc)
+                    for worker in workers.values():
+                        worker.signal(signal.SIGKILL)
+                    stopping = True
             if (failures or io.stop.is_set()) and not stopping:
                 stopping = True  # let the others finish their in-flight batches, then stop
                 for worker in workers.values():
@@ -179,8 +204,7 @@ def read_in_parts(
             worker.process.join()
             pipe.close()
     if failures:
-        failures.sort(key=lambda f: f[0])
-        raise failures[0][1]
+        raise failures[0]
     return [r for r in results if r is not None]
 
 
@@ -248,6 +272,7 @@ def _worker_main(part: Part, work: Callable[[Part], Any], pipe: Pipe, parent: in
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since the fork
         # every log line of the worker says which part it is (the libraries' too)
         structlog.contextvars.bind_contextvars(part=f"{part.index}/{part.parts}")
         with _worker_io(part, stop, pipe) as io:
@@ -322,8 +347,10 @@ def _portable(exc: BaseException) -> tuple[type[EtlError], tuple[Any, ...], dict
     becomes an EtlError carrying the worker's traceback."""
     if isinstance(exc, EtlError):
         return type(exc), exc.args, dict(vars(exc))
-    text = "".join(traceback.format_exception(exc)).rstrip()
-    return EtlError, (f"a worker failed unexpectedly: {type(exc).__name__}: {exc}\n{text}",), {}
+    # a bug's text is foreign: masked like any other (a URL in it may carry the token)
+    text = redact.foreign("".join(traceback.format_exception(exc)).rstrip())
+    message = f"a worker failed unexpectedly: {type(exc).__name__}: {redact.foreign(str(exc))}"
+    return EtlError, (f"{message} — please report it with this traceback:\n{text}",), {}
 
 
 def _rebuilt(cls: type[EtlError], args: tuple[Any, ...], attrs: dict[str, Any]) -> EtlError:

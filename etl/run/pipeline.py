@@ -32,6 +32,7 @@ from etl.errors import (
     SourceLostError,
     StateError,
     StoppedError,
+    UsageError,
 )
 from etl.model import (
     DeliveryStats,
@@ -237,8 +238,6 @@ def _run_stream(
             related=read.related_marks if mapping.related else None,
             full_read=plan.full_read,
         )
-        if plan.backfill:  # a parallel backfill's part checkpoints are done with too
-            io.state.forget_parts(plan.state_name)
     report = _report(plan, counts, ledger, read, seconds=time.monotonic() - started)
     _log_done(bound, report, dry_run=plan.dry_run)
     return report, (_diff_stream(report, read.dry) if read.dry else None)
@@ -266,7 +265,7 @@ def _read(
     options: RunOptions,
     io: Collaborators,
     bound: FilteringBoundLogger,
-    note_limits: bool = True,
+    part: bool = False,
 ) -> _Read:
     """Read the stream in a read-only transaction, classify its rows, and send
     them (or collect a dry run's records) before the transaction ends. A lost
@@ -284,11 +283,14 @@ def _read(
     def prepare(conn: Connection) -> _Prepared:
         """Everything read before the first page."""
         src = _source_from(conn, mapping)
+        if options.shard is not None and not part:
+            _check_shard_text(conn, mapping, src)
         horizon = safe_horizon(conn, mapping, src, max_transaction_age=options.max_transaction_age)
         return _Prepared(
             src=src,
             horizon=horizon,
-            total=extract.estimate_rows(conn, mapping, src) if io.progress else None,
+            # a part's progress is summed by the parent, against its own estimate
+            total=extract.estimate_rows(conn, mapping, src) if io.progress and not part else None,
             null_cursor=(extract.count_null_cursors(conn, mapping, src) if plan.dry_run else None),
             related=_related_reads(
                 conn,
@@ -309,7 +311,7 @@ def _read(
     ) as (conn, prepared):
         src, horizon, total = prepared.src, prepared.horizon, prepared.total
         null_cursor, related = prepared.null_cursor, prepared.related
-        if note_limits:
+        if not part:  # a part's limits are noted once, by the parent
             _note_limits(horizon, io=io, bound=bound)
         related_first = (
             RetriedRejects(record_key(values) for values in related.keys) if related.keys else None
@@ -364,7 +366,8 @@ def _parts(
 ) -> tuple[int, int | None]:
     """Into how many worker processes this stream's read is split (1: read here),
     and the rows estimated (for progress): a full read of at least
-    `options.parallel_min_rows` rows, when `options.workers` allows more than one."""
+    `options.parallel_min_rows` rows, when `options.workers` allows more than one,
+    of a key whose text the database and etl hash alike (`key_text_disagrees`)."""
     if options.workers <= 1 or not plan.full_read:  # parallel.can_split's first test
         return 1, None
     from etl.run import parallel  # noqa: PLC0415 - see TYPE_CHECKING above
@@ -372,14 +375,41 @@ def _parts(
     if parallel.can_split(plan, io) is not None:
         return 1, None
     mapping = plan.mapping
-    total = None
-    if options.parallel_min_rows > 0 or io.progress is not None:
-        with io.source.connect() as conn:
-            total = extract.estimate_rows(conn, mapping, _source_from(conn, mapping))
-        if total is None or total < options.parallel_min_rows:
-            return 1, total
+    with (
+        io.source.connect() as conn,
+        extract.read_only(conn, snapshot=False, timezone=mapping.timezone),
+    ):
+        src = _source_from(conn, mapping)
+        total = None
+        if options.parallel_min_rows > 0 or io.progress is not None:
+            total = extract.estimate_rows(conn, mapping, src)
+            if total is None or total < options.parallel_min_rows:
+                return 1, total
+        differs = extract.key_text_disagrees(conn, mapping, src)
+    if differs is not None:
+        bound.warning(
+            "stream.parallel_skipped",
+            reason="the key's text differs between the database and etl (e.g. char(n) "
+            "padding, a timestamp): read in one process — make the key text in a query: "
+            "to split it",
+            key=[str(v) for v in differs],
+        )
+        return 1, total
     bound.info("stream.parallel", workers=options.workers, rows_estimated=total)
     return options.workers, total
+
+
+def _check_shard_text(conn: Connection, mapping: Mapping, src: sa.FromClause) -> None:
+    """`--shard`: the database and etl must hash each key alike, or a shard would
+    judge keys it never reads (gone) and miss keys it reads (SPEC §9)."""
+    differs = extract.key_text_disagrees(conn, mapping, src)
+    if differs is not None:
+        raise UsageError(
+            f"{mapping.path}: stream {mapping.stream}: --shard: the key "
+            f"{[str(v) for v in differs]} is hashed differently by the database and by etl "
+            "(its text differs: char(n) padding, a timestamp, a float) — select the key as "
+            "text in a `query:` (e.g. CAST(TRIM(code) AS TEXT) AS code), or run without --shard"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +463,7 @@ def _read_in_parts(
             options=options,
             io=part.io,
             bound=bound,
-            note_limits=False,
+            part=True,
         )
         return _PartRead(read, part_counts, part_ledger.rejected, part_ledger.rejected_records)
 

@@ -65,10 +65,6 @@ class StatePort(Protocol):
         """Remember the last key a backfill had everything acknowledged up to."""
         ...
 
-    def forget_parts(self, stream: str) -> None:
-        """Drop the checkpoints of a parallel backfill's parts (`run.parallel`)."""
-        ...
-
     def save_watermark(
         self,
         stream: str,

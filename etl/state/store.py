@@ -336,6 +336,22 @@ class StateStore:
     def release(self) -> None:
         self._lock.release()
 
+    def check_lock(self) -> None:
+        """StateError when a PostgreSQL store's run lock was lost with its session
+        (`run.parallel` asks while worker processes write beside it); a SQLite
+        store's lock is a file lock this process holds until it ends."""
+        if not self._lock.on_session:
+            return
+        with self._write_mutex:
+            try:
+                conn = self._lock.session()
+                with conn.begin():
+                    conn.execute(sa.text("SELECT 1"))
+            except sa.exc.DBAPIError as exc:
+                raise StateError(
+                    f"state store {safe_url(self.url)}: " + lock_lost_message(first_line(exc.orig))
+                ) from None
+
     def _close_abandoned_runs(self, shard: Shard | None) -> None:
         """With the lock held no other run is alive: a run still `running` died
         without finishing (kill -9, OOM, a lost host). Say so, or `etl runs` shows
@@ -391,9 +407,10 @@ class StateStore:
         related: dict[str, Watermark | None] | None = None,
         full_read: bool = False,
     ) -> None:
-        """Advance a stream (after all of it was delivered) and clear its checkpoint,
-        with its related tables' watermarks, in one transaction; `full_read` says the
-        run read every row (SPEC §9), which restarts the `full_every` clock."""
+        """Advance a stream (after all of it was delivered) and clear its checkpoint
+        and its parallel parts' (`run.parallel`), with its related tables' watermarks, in one
+        transaction; `full_read` says the run read every row (SPEC §9), which restarts
+        the `full_every` clock."""
         text, kind = encode_watermark(watermark) if watermark is not None else (None, None)
         now = _now()
         with self._write() as conn:
@@ -419,6 +436,9 @@ class StateStore:
                 ],
                 ["stream"],
             )
+            # A parallel backfill's part checkpoints are spent once the stream was read
+            # to its end, whoever read it: left, a later backfill would resume from them.
+            conn.execute(sa.delete(streams_table).where(_parts_of(stream)))
             if related is not None:
                 conn.execute(sa.delete(related_table).where(related_table.c.stream == stream))
                 rows = []
@@ -454,17 +474,6 @@ class StateStore:
                     )
                 )
 
-    def forget_parts(self, stream: str) -> None:
-        """Drop the checkpoints a parallel backfill's parts kept (`run.parallel`:
-        `STREAM~partIofN`), once the stream was read to its end, by any number of
-        workers."""
-        with self._write() as conn:
-            conn.execute(
-                sa.delete(streams_table).where(
-                    streams_table.c.stream.startswith(f"{stream}~part", autoescape=True)
-                )
-            )
-
     def reset(self, stream: str) -> int:
         """Forget everything about a stream; returns how many records it forgot."""
         with self._write() as conn:
@@ -472,11 +481,13 @@ class StateStore:
                 sa.delete(records_table).where(records_table.c.stream == stream)
             ).rowcount
             conn.execute(sa.delete(rejects_table).where(rejects_table.c.stream == stream))
+            # the stream, its shards (`STREAM#I/N`) and their backfill parts
             conn.execute(
                 sa.delete(streams_table).where(
                     sa.or_(
                         streams_table.c.stream == stream,
-                        streams_table.c.stream.startswith(f"{stream}~part", autoescape=True),
+                        streams_table.c.stream.startswith(f"{stream}#", autoescape=True),
+                        _parts_of(stream),
                     )
                 )
             )
@@ -901,6 +912,11 @@ class StateStore:
                 )
             )
         return out
+
+
+def _parts_of(state_name: str) -> sa.ColumnElement[bool]:
+    """The rows of a parallel backfill's part checkpoints (`STATE_NAME~partIofN`)."""
+    return streams_table.c.stream.startswith(f"{state_name}~part", autoescape=True)
 
 
 _UPSERT_RECORDS = (
