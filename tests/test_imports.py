@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
+
+from support import cli_env, copy_mappings, run_cli, seed
 
 # Loaded only by the command or the source that needs them.
 LAZY = (
@@ -22,6 +27,7 @@ LAZY = (
     "etl.run.gone",  # full reads that find gone keys
     "etl.run.dryrun",  # diff, sync --dry-run
     "etl.monitor",  # --metrics-file, --notify-url
+    "httpx",  # a run that sends (etl.delivery.load.make_client)
     "jsonschema",  # never at runtime (tests only)
 )
 
@@ -41,9 +47,37 @@ print(",".join(name for name in {lazy!r} if name in sys.modules))
 def test_the_cli_and_a_sqlite_source_load_none_of_the_lazy_modules() -> None:
     """Importing the command line and reading a SQLite source loads neither psycopg
     nor the modules of validate, init, the HTML diff, the receiver, track streams,
-    worker processes, gone keys, dry runs or monitoring."""
+    worker processes, gone keys, dry runs or monitoring, nor the HTTP client."""
     probe = PROBE.format(lazy=LAZY)
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == ""
+
+
+def test_a_sync_with_nothing_to_send_loads_no_http_client(
+    tmp_path: Path, sqlite_url: str, receiver: Any
+) -> None:
+    """A second sync of an unchanged source sends nothing, and its process never
+    loads httpx: the HTTP client is made for the first batch."""
+    seed(sqlite_url, n_workspaces=1, n_users=2)
+    copy_mappings(tmp_path / "mappings")
+    env = cli_env(tmp_path, sqlite_url, receiver.url)
+    assert run_cli(["sync"], env).exit_code == 0
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['etl', 'sync']\n"
+        "try:\n"
+        "    runpy.run_module('etl', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code, 'httpx' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert done.stdout.splitlines()[-1] == "exit 0 False", done.stderr

@@ -753,6 +753,9 @@ def test_check_endpoint_accepts_https_and_loopback_http(url: str) -> None:
         ("events.hyperengage.io/api/v1/s2s/event", "not an https:// URL"),
         ("https://", "not an https:// URL"),
         ("http://127.0.0.1:port/x", "not a valid URL"),
+        ("https://events.hyperengage .io/x", "not a valid URL"),
+        ("https://events.hyperengage.io/x\n", "not a valid URL"),
+        ("http://[::1/x", "not a valid URL"),
     ],
 )
 def test_check_endpoint_refuses_what_would_expose_the_token(url: str, complaint: str) -> None:

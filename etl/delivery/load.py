@@ -7,6 +7,10 @@ URL's query string, so every foreign text put into a message or log line here
 (the server's words, an exception's text, a header, the URL) goes through
 `_Sender._foreign` first (etl.redact: our own words are never masked), and httpx
 exceptions (whose text may hold the URL) are never chained into the errors raised.
+
+httpx is imported by what sends (`make_client`, `_Sender`), not with this module:
+a run with nothing to send (the no-change sync) never loads it (~25 ms of a
+process start: docs/performance.md, "Fixed cost").
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeAlias
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias
+from urllib.parse import urlsplit
 
-import httpx
 import orjson
 import structlog
 
@@ -33,15 +37,15 @@ from etl.errors import FatalApiError, RetriableApiError, UsageError
 from etl.model import BatchResult, DeliveryStats, Outgoing, Ref, Secret
 from etl.settings import DELIVERY, DeliverySettings
 
+if TYPE_CHECKING:
+    import httpx
+
 log = structlog.get_logger(__name__)
 
 BACKOFF_BASE = 0.5
 BACKOFF_CAP = 30.0
 MESSAGE_LIMIT = 300  # characters of a server message kept in errors and rejects
 RETRIABLE_STATUSES = frozenset({408, 429, *range(500, 600)})
-# Timeouts (connect/read/write/pool), refused or reset connections, and a server
-# that hung up mid-answer: all may work on the next try.
-RETRIABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 SPLIT_STATUSES = frozenset({400, 413})
 FATAL_CAUSES = {
     401: "the token is wrong or missing — check HYPERENGAGE_TOKEN (or --token-file)",
@@ -62,14 +66,18 @@ def check_endpoint(url: str) -> None:
             " — remove it from the URL and set HYPERENGAGE_TOKEN (or --token-file)"
         )
     try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
+        parsed = urlsplit(url)
+        host = parsed.hostname or ""
+        parsed.port  # noqa: B018 - a port that is not a number raises here
+        if any(c.isspace() or not c.isprintable() for c in url):
+            raise ValueError("it contains a space or a control character")
+    except ValueError as exc:
         raise UsageError(f"{where} {url!r} is not a valid URL ({exc}) — fix it") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
+    if parsed.scheme not in ("http", "https") or not host:
         raise UsageError(f"{where} {url!r} is not an https:// URL — use e.g. {DELIVERY.endpoint}")
-    if parsed.scheme == "http" and not _is_loopback(parsed.host):
+    if parsed.scheme == "http" and not _is_loopback(host):
         raise UsageError(
-            f"{where} {url!r} would send the token in clear text to {parsed.host}"
+            f"{where} {url!r} would send the token in clear text to {host}"
             " — use https:// (plain http is allowed only to 127.0.0.1, ::1 or localhost)"
         )
 
@@ -81,6 +89,8 @@ def make_client(
     pool as wide as `concurrency`, and the token as the query parameter every
     request carries (the API's only way to take it), as httpx clients carry
     their auth. `transport` lets tests answer in-process."""
+    import httpx  # noqa: PLC0415 - only what sends loads httpx (module docstring)
+
     width = max(1, settings.concurrency)
     return httpx.Client(
         params={"token": token.reveal()},
@@ -162,7 +172,7 @@ class LazyClient:
 
 
 # What deliver() sends through: a client, or one made on the first request.
-Client: TypeAlias = httpx.Client | LazyClient
+Client: TypeAlias = "httpx.Client | LazyClient"
 
 
 def batches(
@@ -229,15 +239,7 @@ def deliver(
     stop = stop or threading.Event()
     if limiter is None and settings.max_rps:
         limiter = RateLimiter(settings.max_rps, clock=clock, sleep=sleep)
-    sender = _Sender(
-        client,
-        settings,
-        sleep=sleep,
-        clock=clock,
-        rng=rng or random.Random(),  # noqa: S311 - jitter needs spread, not secrecy
-        limiter=limiter,
-        stop=stop,
-    )
+    sender: _Sender | None = None  # made for the first batch: nothing to send, no httpx
     totals = _Totals()
     window: deque[Future[_Outcome[Ref]]] = deque()  # submitted, not yet reported, in order
     recording: deque[Future[Any]] = deque()  # reported, still being recorded by the caller
@@ -252,18 +254,30 @@ def deliver(
                 _settle(window, recording, on_result, totals, outstanding=width - 1)
                 if stop.is_set():
                     break  # a stop signal starts nothing new, not even this batch
+                if sender is None:
+                    sender = _Sender(
+                        client,
+                        settings,
+                        sleep=sleep,
+                        clock=clock,
+                        rng=rng or random.Random(),  # noqa: S311 - jitter needs spread, not secrecy
+                        limiter=limiter,
+                        stop=stop,
+                    )
                 window.append(pool.submit(sender.send_batch, batch))
             _settle(window, recording, on_result, totals, outstanding=0)
         except _Stopped:
             # A batch given up after the stop: it and the batches after it are not
             # reported (the next run sends them, with the same event ids); the
             # ones before it were. Wait for the requests still in flight.
-            sender.stop()
+            if sender is not None:
+                sender.stop()
             pool.shutdown(wait=True, cancel_futures=True)
             while recording:
                 recording.popleft().result()
         except BaseException:
-            sender.stop()
+            if sender is not None:
+                sender.stop()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return totals.freeze()
@@ -407,6 +421,8 @@ class _Sender:
         # random.Random.uniform is one atomic call under the GIL: safe to share.
         self._rng = rng
         self._limiter = limiter
+        import httpx  # noqa: PLC0415 - only what sends loads httpx (module docstring)
+
         # The token rides in the client's query parameters (make_client); httpx
         # encodes a query value its own way: one more spelling to mask.
         token = client.token if isinstance(client, LazyClient) else client.params.get("token", "")
@@ -470,7 +486,7 @@ class _Sender:
                 raise _Stopped
             tally.requests += 1
             answer = self._attempt(body)
-            if isinstance(answer, httpx.Response):
+            if not isinstance(answer, _Failure):
                 return answer
             if answer.unreachable:
                 raise FatalApiError(
@@ -500,6 +516,8 @@ class _Sender:
 
     def _attempt(self, body: bytes) -> httpx.Response | _Failure:
         """One POST: a response worth interpreting, or what went wrong."""
+        import httpx  # noqa: PLC0415 - only what sends loads httpx (module docstring)
+
         try:
             response = self._client.post(self._settings.endpoint, content=body)
         except httpx.ConnectError as exc:  # refused, or no such host
@@ -507,7 +525,9 @@ class _Sender:
             if self._reached.is_set():
                 return failure
             return dataclasses.replace(failure, retriable=False, unreachable=True)
-        except RETRIABLE_ERRORS as exc:
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            # timeouts, refused or reset connections, a server that hung up mid-answer:
+            # all may work on the next try
             return self._failure(exc, retriable=True)
         except Exception as exc:
             # Anything else the HTTP stack raises (httpx.InvalidURL is no HTTPError;

@@ -11,15 +11,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy.engine import Engine
 
-from etl.delivery.load import Client, RateLimiter
+from etl.delivery.load import RateLimiter
 from etl.model import Shard
 from etl.run.ports import StatePort
 from etl.settings import DELIVERY, READ, DeliverySettings, EventIdentity
 from etl.source.resume import Reconnect
+
+if TYPE_CHECKING:
+    from etl.delivery.load import Client  # names httpx: loaded by what sends only
 
 Mode = Literal["incremental", "full", "backfill"]
 Progress = Callable[[str, int, int | None], None]
