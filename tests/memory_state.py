@@ -103,7 +103,9 @@ class MemoryState:
         for key in keys:
             self.rejects.pop((stream, key), None)
 
-    def save_checkpoint(self, stream: str, checkpoint: Sequence[Any] | None) -> None:
+    def save_checkpoint(
+        self, stream: str, checkpoint: Sequence[Any] | None, since: Watermark | None = None
+    ) -> None:
         self._called("save_checkpoint", stream)
         old = self.streams.get(stream)
         self.streams[stream] = StreamState(
@@ -112,6 +114,7 @@ class MemoryState:
             fingerprint=old.fingerprint if old else None,
             checkpoint=list(checkpoint) if checkpoint else None,
             updated_at=T0,
+            checkpoint_since=since if checkpoint else None,
         )
 
     def save_watermark(

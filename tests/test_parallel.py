@@ -4,6 +4,7 @@ one process would, resumes each part after a stop, and fails as its workers fail
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import json
 import os
 import pickle
@@ -457,3 +458,81 @@ def test_a_bug_in_a_worker_never_shows_the_token() -> None:
         bug = parallel._rebuilt(*parallel._portable(exc))
     assert TOKEN not in str(bug)
     assert "token=***" in str(bug)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_resumed_backfill_keeps_the_watermark_of_its_first_pages(
+    workers: int, tmp_path: Path, sqlite_url: str
+) -> None:
+    """A row changed between a stopped backfill and its resume, below the checkpoint
+    (already delivered, not read again): the resumed backfill's watermark is the
+    horizon the first pages were read under, so the next sync sends the change —
+    not the resumed run's later horizon, past which (minus the lookback) the change
+    would be neither re-read nor above the watermark."""
+    from support import user_id, users
+
+    n_users = 1500
+    seed(sqlite_url, n_workspaces=5, n_users=n_users)
+    copy_mappings(tmp_path / "mappings")
+    users_yml = tmp_path / "mappings" / "users.yml"
+    users_yml.write_text(
+        users_yml.read_text().replace("cursor: updated_at", "cursor: updated_at\nlookback: 1s", 1)
+    )
+    plan = FaultPlan.from_json('{"latency_ms": [15, 15]}')
+    state = tmp_path / "state.db"
+    with start_receiver(store=tmp_path / "rx.db", tokens={TOKEN}, faults=plan) as rx:
+        env = cli_env(
+            tmp_path,
+            sqlite_url,
+            rx.url,
+            ETL_BATCH_SIZE="25",
+            ETL_PAGE_SIZE="100",
+            ETL_WORKERS=str(workers),
+        )
+        proc = etl_process(["backfill", "--stream", "users"], env, tmp_path, "first")
+        try:
+            deadline = time.monotonic() + 30
+            while not _checkpointed(state, workers):
+                assert proc.poll() is None, "the backfill ended before its checkpoints"
+                assert time.monotonic() < deadline, "no checkpoint within 30 s"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        engine = sa.create_engine(sqlite_url)
+        try:
+            with engine.begin() as conn:  # the smallest key: below every checkpoint
+                conn.execute(
+                    users.update()
+                    .where(users.c.id == user_id(0))
+                    .values(email="changed@example.com", updated_at=dt.datetime.now(dt.UTC))
+                )
+        finally:
+            engine.dispose()
+        time.sleep(1.5)  # past the lookback
+        resumed = etl_process(["backfill", "--stream", "users"], env, tmp_path, "second")
+        assert resumed.wait(timeout=60) == 0, (tmp_path / "second.err").read_text()
+        assert log_events((tmp_path / "second.err").read_text(), "backfill.resume")
+        sync = run_cli(["sync", "--stream", "users", "--workers", "1"], env)
+        assert sync.exit_code == 0, sync.stderr
+        emails = [e["traits"]["email"] for e in rx.events() if e["user_id"] == user_id(0)]
+    assert emails[-1] == "changed@example.com"
+
+
+def _checkpointed(state: Path, workers: int) -> bool:
+    if workers > 1:
+        return len(part_checkpoints(state)) == workers
+    if not state.exists():
+        return False
+    conn = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5)
+    try:
+        row = conn.execute("SELECT checkpoint FROM etl_streams WHERE stream = 'users'").fetchone()
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return bool(row and row[0])

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, ParamSpec
 
-from etl.model import BatchResult
+from etl.model import BatchResult, Watermark
 from etl.run.classify import MAX_LISTED
 from etl.run.ports import StatePort
 from etl.state.store import Rejected, Sent
@@ -64,6 +64,9 @@ class Ledger:
         self._checkpoints: deque[tuple[int, tuple[Any, ...]]] = deque()
         self._writer: ThreadPoolExecutor | None = None
         self._writes: deque[Future[None]] = deque()  # submitted, not yet checked
+        # the safe horizon this backfill's pages are read under, saved with each
+        # checkpoint (set once the read's snapshot is open: `pipeline._read`)
+        self.since: Watermark | None = None
         self.rejected = 0
         self.rejected_records: list[tuple[str, str]] = []  # (key, message), the first MAX_LISTED
 
@@ -134,7 +137,7 @@ class Ledger:
         while self._checkpoints and self._checkpoints[0][0] <= self._acked:
             latest = self._checkpoints.popleft()[1]
         if latest is not None:
-            self._write(self._state.save_checkpoint, self._state_name, latest)
+            self._write(self._state.save_checkpoint, self._state_name, latest, self.since)
 
     # ------------------------------------------------------------ writes
 

@@ -221,11 +221,11 @@ class _Worker:
 def _part(plan: StreamPlan, index: int, parts: int, *, restart: bool, io: Collaborators) -> Part:
     """Part `index`'s plan: its shard, and its own checkpoint when a backfill resumes."""
     name = part_state_name(plan.state_name, index, parts)
-    checkpoint = None
+    checkpoint = since = None
     if plan.backfill and not restart:
         previous = io.state.stream(name)
         if previous is not None and previous.checkpoint:
-            checkpoint = tuple(previous.checkpoint)
+            checkpoint, since = tuple(previous.checkpoint), previous.checkpoint_since
             log.info(
                 "backfill.resume",
                 stream=plan.mapping.stream,
@@ -237,6 +237,7 @@ def _part(plan: StreamPlan, index: int, parts: int, *, restart: bool, io: Collab
         shard=part_shard(plan.shard, index, parts),
         state_name=name,
         checkpoint=checkpoint,
+        checkpoint_since=since,
     )
     return Part(index=index, parts=parts, plan=part_plan, io=io)
 

@@ -309,7 +309,9 @@ def _read(
     with resume.open_snapshot(
         mapping, reopen=reopen, prepare=prepare, policy=options.reconnect, sleep=io.sleep
     ) as (conn, prepared):
-        src, horizon, total = prepared.src, prepared.horizon, prepared.total
+        src, total = prepared.src, prepared.total
+        horizon = _resumed(prepared.horizon, plan.checkpoint_since)
+        ledger.since = horizon.value
         null_cursor, related = prepared.null_cursor, prepared.related
         if not part:  # a part's limits are noted once, by the parent
             _note_limits(horizon, io=io, bound=bound)
@@ -530,6 +532,15 @@ def _earliest_marks(marks: list[dict[str, Watermark | None]]) -> dict[str, Water
 def _order(value: Watermark | None) -> Any:
     """A watermark as min() may compare it (all of one stream's are of one kind)."""
     return value
+
+
+def _resumed(horizon: Horizon, since: Watermark | None) -> Horizon:
+    """A resumed backfill's horizon: no later than the one its checkpointed pages were
+    read under, or a row changed between the two runs, below the checkpoint, would
+    be neither read again nor left above the watermark."""
+    if since is None or (horizon.value is not None and _order(horizon.value) <= _order(since)):
+        return horizon
+    return dataclasses.replace(horizon, value=since)
 
 
 @dataclass(frozen=True, slots=True)

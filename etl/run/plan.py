@@ -48,6 +48,9 @@ class StreamPlan:
     force: bool  # send (and so transform) records even when unchanged
     dry_run: bool
     backfill: bool  # save a checkpoint as pages are acknowledged
+    # A resumed backfill: the safe horizon the pages before `checkpoint` were read
+    # under. The stream's watermark must not pass it (what changed since was read).
+    checkpoint_since: Watermark | None = None
     full_every_due: bool = False  # a sync made a full read by `full_every` (SPEC §9)
 
     @property
@@ -113,6 +116,7 @@ def plan_stream(
         dry_run=options.dry_run,
         backfill=options.mode == "backfill",
         full_every_due=due,
+        checkpoint_since=previous.checkpoint_since if checkpoint and previous else None,
     )
 
 

@@ -61,8 +61,11 @@ class StatePort(Protocol):
         """Drop pending rejects that need no retry."""
         ...
 
-    def save_checkpoint(self, stream: str, checkpoint: Sequence[Any] | None) -> None:
-        """Remember the last key a backfill had everything acknowledged up to."""
+    def save_checkpoint(
+        self, stream: str, checkpoint: Sequence[Any] | None, since: Watermark | None = None
+    ) -> None:
+        """Remember the last key a backfill had everything acknowledged up to, and the
+        safe horizon its pages were read under."""
         ...
 
     def save_watermark(

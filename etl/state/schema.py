@@ -30,7 +30,9 @@ log = structlog.get_logger("etl")
 # 4: etl_track and etl_track_ledger (track streams, SPEC §10).
 # 5: full reads and related tables (SPEC §9): etl_streams.full_read_at/first_run_at,
 #    etl_related watermarks, etl_rejects.kind ("invalid" records are remembered too).
-SCHEMA_VERSION = 5
+# 6: etl_streams.checkpoint_since(_kind): the safe horizon a backfill checkpoint's pages
+#    were read under, so a resumed backfill never saves a later watermark than that.
+SCHEMA_VERSION = 6
 
 metadata = sa.MetaData()
 
@@ -48,6 +50,9 @@ streams_table = sa.Table(
     sa.Column("watermark_kind", sa.String(16)),  # "datetime" | "integer"
     sa.Column("fingerprint", sa.String(64)),
     sa.Column("checkpoint", sa.Text),  # backfill: JSON list of the last acknowledged key
+    # ... and the earliest safe horizon the pages up to it were read under (as watermark)
+    sa.Column("checkpoint_since", sa.Text),
+    sa.Column("checkpoint_since_kind", sa.String(16)),
     sa.Column("updated_at", sa.DateTime(timezone=True)),
     # SPEC §9: when the last full read ended, and when the stream first ran (the
     # full_every clock starts there until a full read happened)
@@ -259,6 +264,8 @@ _MIGRATED = {
     ("etl_streams", "full_read_at"): "TIMESTAMP WITH TIME ZONE",
     ("etl_streams", "first_run_at"): "TIMESTAMP WITH TIME ZONE",
     ("etl_rejects", "kind"): "VARCHAR(16)",
+    ("etl_streams", "checkpoint_since"): "TEXT",
+    ("etl_streams", "checkpoint_since_kind"): "VARCHAR(16)",
 }
 
 

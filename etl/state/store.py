@@ -155,6 +155,8 @@ class StreamState:
     checkpoint: list[Any] | None
     updated_at: dt.datetime | None
     full_read_at: dt.datetime | None = None  # when the last full read ended (SPEC §9)
+    # the safe horizon the pages up to `checkpoint` were read under (the earliest)
+    checkpoint_since: Watermark | None = None
     first_run_at: dt.datetime | None = None
     related: dict[str, Watermark] = field(default_factory=dict)  # Related.label -> watermark
 
@@ -392,6 +394,7 @@ class StateStore:
             watermark=decode_watermark(row.watermark, row.watermark_kind),
             fingerprint=row.fingerprint,
             checkpoint=orjson.loads(row.checkpoint) if row.checkpoint else None,
+            checkpoint_since=decode_watermark(row.checkpoint_since, row.checkpoint_since_kind),
             updated_at=_aware(row.updated_at),
             full_read_at=_aware(row.full_read_at),
             first_run_at=_aware(row.first_run_at),
@@ -429,6 +432,8 @@ class StateStore:
                         "watermark_kind": kind,
                         "fingerprint": fingerprint,
                         "checkpoint": None,
+                        "checkpoint_since": None,
+                        "checkpoint_since_kind": None,
                         "updated_at": now,
                         "full_read_at": now if full_read else (old.full_read_at if old else None),
                         "first_run_at": (old.first_run_at if old else None) or now,
@@ -458,21 +463,28 @@ class StateStore:
                 if rows:
                     conn.execute(sa.insert(related_table), rows)
 
-    def save_checkpoint(self, stream: str, checkpoint: Sequence[Any] | None) -> None:
-        """Remember the last key a backfill had delivered everything up to."""
+    def save_checkpoint(
+        self,
+        stream: str,
+        checkpoint: Sequence[Any] | None,
+        since: Watermark | None = None,
+    ) -> None:
+        """Remember the last key a backfill had delivered everything up to, and the
+        safe horizon `since` its pages were read under (the earliest, over resumes)."""
         value = orjson.dumps(list(checkpoint), default=str).decode() if checkpoint else None
+        text, kind = encode_watermark(since) if since is not None else (None, None)
+        values = {
+            "checkpoint": value,
+            "checkpoint_since": text,
+            "checkpoint_since_kind": kind,
+            "updated_at": _now(),
+        }
         with self._write() as conn:
             exists = conn.execute(
-                sa.update(streams_table)
-                .where(streams_table.c.stream == stream)
-                .values(checkpoint=value, updated_at=_now())
+                sa.update(streams_table).where(streams_table.c.stream == stream).values(**values)
             ).rowcount
             if not exists:
-                conn.execute(
-                    sa.insert(streams_table).values(
-                        stream=stream, checkpoint=value, updated_at=_now()
-                    )
-                )
+                conn.execute(sa.insert(streams_table).values(stream=stream, **values))
 
     def reset(self, stream: str) -> int:
         """Forget everything about a stream; returns how many records it forgot."""
