@@ -9,8 +9,6 @@ returns), so a crash re-sends at most `concurrency` batches.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,14 +24,6 @@ from etl.run.transform import event_body, event_ids
 from etl.settings import DeliverySettings
 from etl.state.store import Sent
 
-# The cyclic garbage collector's first threshold while a stream is sent (Python's
-# default: 700). Every row read makes short-lived tuples, dicts and lists that
-# reference counting frees, yet they count towards that threshold: a 100,000-row
-# backfill ran ~800 collections, a few of them over every live object, ~7% of its
-# CPU (0.25-0.3 s of 4). Nothing made per row is cyclic, so collecting 30 times
-# less often holds no more memory to speak of.
-GC_THRESHOLD = 20_000
-
 
 def send(
     pages: Iterable[ClassifiedPage],
@@ -48,7 +38,7 @@ def send(
 ) -> DeliveryStats:
     """Deliver the new and changed records of every page (all valid ones with
     `force`); raise the first delivery or state-write error."""
-    with ledger.writing(), _fewer_collections():
+    with ledger.writing():
         return load.deliver(
             events(pages, plan=plan, ledger=ledger, stop=stop),
             settings=settings,
@@ -58,17 +48,6 @@ def send(
             limiter=limiter,
             stop=stop,
         )
-
-
-@contextlib.contextmanager
-def _fewer_collections() -> Iterator[None]:
-    """The garbage collector's first threshold raised to GC_THRESHOLD in the block."""
-    thresholds = gc.get_threshold()
-    gc.set_threshold(max(GC_THRESHOLD, thresholds[0]), *thresholds[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
 
 
 def events(
