@@ -81,3 +81,41 @@ def test_a_sync_with_nothing_to_send_loads_no_http_client(
         timeout=60,
     )
     assert done.stdout.splitlines()[-1] == "exit 0 False", done.stderr
+
+
+def test_importing_etl_leaves_the_garbage_collector_as_it_was() -> None:
+    """etl pauses the cyclic collector while it imports (~45 ms saved), then leaves
+    it on if it was on, off if it was off, and freezes nothing: a library import."""
+    probe = (
+        "import gc, sys\n"
+        "before = sys.argv[1] == 'on'\n"
+        "gc.enable() if before else gc.disable()\n"
+        "import etl\n"
+        "print(gc.isenabled() == before, gc.get_freeze_count())\n"
+    )
+    for state in ("on", "off"):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, state],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert done.stdout.split() == ["True", "0"]
+
+
+def test_the_command_line_freezes_what_its_imports_made(tmp_path: Path) -> None:
+    """A command's process moves the objects its imports made out of the collector's
+    way (gc.freeze), so collections during the run do not walk them again."""
+    probe = (
+        "import gc, runpy, sys\n"
+        f"sys.argv = ['etl', 'state', 'show', '--state', 'sqlite:///{tmp_path / 's.db'}']\n"
+        "try:\n"
+        "    runpy.run_module('etl', run_name='__main__')\n"
+        "except SystemExit as exc:\n"
+        "    print('exit', exc.code, gc.get_freeze_count() > 10_000, gc.isenabled())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.splitlines()[-1] == "exit 0 True True", done.stderr
