@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,3 +141,15 @@ def run_cli(args: Sequence[str], env: Mapping[str, str]) -> Result:
     """`etl ARGS` in-process, with stdout and stderr kept apart."""
     runner = CliRunner()
     return runner.invoke(main, list(args), env=dict(env), catch_exceptions=False)
+
+
+def etl_process(args: Sequence[str], env: Mapping[str, str], tmp_path: Path, name: str) -> Any:
+    """`python -m etl ARGS` as a real process, its output in files NAME.out and NAME.err."""
+    out = (tmp_path / f"{name}.out").open("wb")
+    err = (tmp_path / f"{name}.err").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "etl", *args], env={**os.environ, **env}, stdout=out, stderr=err
+    )
+    out.close()
+    err.close()
+    return proc

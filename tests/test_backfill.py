@@ -15,27 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import TOKEN, cli_env, copy_mappings, run_cli, seed
+from support import TOKEN, cli_env, copy_mappings, etl_process, run_cli, seed
 
 from etl.receiver.faults import FaultPlan
 from etl.receiver.server import start_receiver
 
 N_USERS = 1500
-
-
-def etl_process(args: list[str], env: dict[str, str], tmp_path: Path, name: str) -> Any:
-    """`python -m etl ARGS` as a real process, its output in files."""
-    out = (tmp_path / f"{name}.out").open("wb")
-    err = (tmp_path / f"{name}.err").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "etl", *args],
-        env={**os.environ, **env},
-        stdout=out,
-        stderr=err,
-    )
-    out.close()
-    err.close()
-    return proc
 
 
 def checkpoint(state: Path) -> str | None:

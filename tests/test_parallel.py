@@ -10,15 +10,13 @@ import os
 import pickle
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from support import TOKEN, cli_env, copy_mappings, run_cli, seed
+from support import TOKEN, cli_env, copy_mappings, etl_process, run_cli, seed
 
 from etl import api
 from etl.errors import EtlError, FatalApiError, QueryError, StateError
@@ -201,17 +199,6 @@ def test_a_worker_that_dies_fails_the_run(
     assert report.status == "ok"
     users = {e["user_id"] for e in receiver.events() if e["event_type"] == "user_identify"}
     assert len(users) == 300
-
-
-def etl_process(args: list[str], env: dict[str, str], tmp_path: Path, name: str) -> Any:
-    out = (tmp_path / f"{name}.out").open("wb")
-    err = (tmp_path / f"{name}.err").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "etl", *args], env={**os.environ, **env}, stdout=out, stderr=err
-    )
-    out.close()
-    err.close()
-    return proc
 
 
 def part_checkpoints(state: Path) -> dict[str, list[Any]]:
