@@ -10,6 +10,7 @@ import datetime as dt
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from etl.model import Shard, Watermark
@@ -61,6 +62,10 @@ class MemoryState:
     def any_sent(self, stream: str) -> bool:
         self._called("any_sent", stream)
         return any(name == stream for name, _ in self.records)
+
+    def sent_keys_unseen(self, stream: str, seen: Path) -> Iterator[str] | None:
+        self._called("sent_keys_unseen", stream)
+        return None  # no file to join with: the caller walks sent_keys
 
     def sent_keys(self, stream: str) -> Iterator[str]:
         self._called("sent_keys", stream)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from pathlib import Path
 
 import pytest
 from memory_state import MemoryState
@@ -17,7 +18,7 @@ from etl.run.ledger import Ledger
 from etl.run.options import RunOptions
 from etl.run.plan import StreamPlan, full_every_due, plan_stream
 from etl.run.send import events
-from etl.state.store import StreamState
+from etl.state.store import Sent, StateStore, StreamState
 
 NOW = dt.datetime(2026, 1, 10, 12, 0, tzinfo=dt.UTC)
 ON_GONE = "\nfull_every: 1d\non_gone:\n  traits: {deleted: true}\n"
@@ -168,3 +169,48 @@ def send_all_gone(state: MemoryState, plan: StreamPlan, gone: list[Change]) -> N
     outgoing = list(events(iter([page]), plan=plan, ledger=ledger, stop=threading.Event()))
     assert len(outgoing) == 1
     ledger.on_result(BatchResult(acked=tuple(outgoing)))
+
+
+@pytest.mark.parametrize(
+    "store_kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_a_real_store_finds_the_keys_a_full_read_did_not_meet(
+    store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """with_gone on a real store: a SQLite store answers by one anti-join with the key
+    file (`sent_keys_unseen`), PostgreSQL by the walk; both find exactly the keys sent
+    before and not read, of this stream only."""
+    url = (
+        f"sqlite:///{tmp_path / 'state.db'}"
+        if store_kind == "sqlite"
+        else request.getfixturevalue("pg_state")
+    )
+    store = StateStore(url)
+    try:
+        sent = [Sent(f"w{i}", "h" * 32, b'{"a":1}', f"e{i}", "s" * 32) for i in range(1, 8)]
+        store.commit_batch("workspaces", sent, [])
+        store.commit_batch("users", [Sent("w9", "h" * 32, b"{}", "e9", None)], [])
+        m = mapping(WORKSPACES)
+        plan = plan_of(m, None, mode="full")
+        counts = Counts()
+        pages = classify(
+            iter([[row(1), row(3)], [row(4), row(7)]]), plan=plan, state=store, counts=counts
+        )
+        read = list(with_gone(pages, plan=plan, state=store, counts=counts, stop=threading.Event()))
+        gone = sorted(c.record.key for page in read for c, _, _ in page.changes if c.kind == "gone")
+        assert gone == ["w2", "w5", "w6"]
+        assert counts.gone == 3
+        seen = SeenKeys()
+        try:
+            seen.add(["w1"])
+            seen.written()
+            unseen = store.sent_keys_unseen("workspaces", seen.path)
+            if store_kind == "sqlite":
+                assert unseen is not None
+                assert sorted(unseen) == ["w2", "w3", "w4", "w5", "w6", "w7"]
+            else:
+                assert unseen is None
+        finally:
+            seen.close()
+    finally:
+        store.close()

@@ -73,6 +73,16 @@ class SeenKeys:
                 found.update(row[0] for row in self._db.execute(query, part))
         return [key for key in keys if key not in found]
 
+    @property
+    def path(self) -> Path:
+        """The file, once `written()`: another connection may read its table `seen`."""
+        return self._path
+
+    def written(self) -> None:
+        """Commit the keys noted so far, for another connection to read the file."""
+        with self._lock:
+            self._db.commit()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -102,11 +112,15 @@ def with_gone(
             yield page
         if stop.is_set():
             return  # a stopped read is not a full read: nothing is gone
-        owned = state.sent_keys(plan.mapping.stream)
+        seen.written()
+        # A SQLite store answers in one anti-join (C speed, no key of this read comes
+        # back); another walks every key it holds and asks the file by chunks.
+        unseen = state.sent_keys_unseen(plan.mapping.stream, seen.path)
+        keys = state.sent_keys(plan.mapping.stream) if unseen is None else unseen
         if plan.shard is not None:  # another shard's (or part's) keys are its own to judge
-            owned = (key for key in owned if plan.owns(key))
-        for chunk in _chunks(owned):
-            gone = seen.missing(chunk)
+            keys = (key for key in keys if plan.owns(key))
+        for chunk in _chunks(keys):
+            gone = seen.missing(chunk) if unseen is None else chunk
             if gone:
                 counts.gone += len(gone)
                 yield ClassifiedPage(iter(_gone_changes(gone, plan=plan, state=state)), [], ())

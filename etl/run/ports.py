@@ -7,6 +7,7 @@ pass an in-memory one. Pure: types only.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from etl.model import Shard, Watermark
@@ -40,6 +41,10 @@ class StatePort(Protocol):
 
     def any_sent(self, stream: str) -> bool:
         """Whether any key of the stream was ever acknowledged."""
+        ...
+
+    def sent_keys_unseen(self, stream: str, seen: Path) -> Iterator[str] | None:
+        """Keys sent before and not in the key file `seen`, or None: walk sent_keys."""
         ...
 
     def sent_keys(self, stream: str) -> Iterator[str]:

@@ -18,9 +18,11 @@ import contextlib
 import datetime as dt
 import os
 import socket
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, overload
 
 import orjson
@@ -570,6 +572,33 @@ class StateStore:
                 sa.select(records_table.c.key).where(records_table.c.stream == stream).limit(1)
             ).first()
         return first is not None
+
+    def sent_keys_unseen(self, stream: str, seen: Path) -> Iterator[str] | None:
+        """Keys of the stream sent before and not in `seen` (a SQLite file with a
+        table `seen(key)`: `run.gone.SeenKeys`), by one anti-join in SQLite; None
+        for a PostgreSQL store (the caller walks `sent_keys`)."""
+        if self._engine is None or self._engine.dialect.name != "sqlite":
+            return None
+        # the file as --state names it (a read-only engine's URL is a file: URI)
+        database = sa.make_url(self.url).database
+        return self._unseen(str(database), stream, seen)
+
+    @staticmethod
+    def _unseen(database: str, stream: str, seen: Path) -> Iterator[str]:
+        # its own read-only connection: the pooled ones never carry the ATTACH
+        db = sqlite3.connect(Path(database).resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            db.execute("ATTACH DATABASE ? AS read_keys", (seen.resolve().as_uri() + "?mode=ro",))
+            cursor = db.execute(
+                "SELECT key FROM etl_records WHERE stream = ? "
+                "AND key NOT IN (SELECT key FROM read_keys.seen)",
+                (stream,),
+            )
+            while rows := cursor.fetchmany(10_000):
+                for (key,) in rows:
+                    yield key
+        finally:
+            db.close()
 
     def sent_keys(self, stream: str) -> Iterator[str]:
         """Every key ever acknowledged for a stream (for `diff --full`'s "gone")."""
